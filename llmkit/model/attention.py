@@ -1,0 +1,156 @@
+"""Attention of survey §4.2.2: MHA / GQA / MQA, masks (causal, prefix, sliding window), KV cache.
+
+Implements:
+- `KVCache`: preallocated per-layer key/value tensors [B, n_kv, max_len, hd]; `crop` (speculative
+  decoding roll-back) and `reorder` (beam search) without copies of the whole history;
+- `build_mask`: one boolean mask from causal order, a bidirectional prefix (prefix LM, GLM),
+  a sliding window (Mistral, Gemma) and key padding, in "slot" coordinates of the cache;
+- `Attention`: q/k/v projections with optional biases and QK-norm, RoPE, additive position biases
+  (ALiBi, T5), soft-capping (Gemma 2), and `scaled_dot_product_attention` whenever no soft-cap is set.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import apply_rope, make_norm
+
+
+class KVCache:
+    """Preallocated key/value storage; `length` slots are filled (same for every batch row)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu", n_layers=None):
+        n = n_layers or cfg.n_layers
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.max_len, self.length, self.batch = max_len, 0, batch
+        self.cross: list | None = None  # encoder-decoder: cached cross-attention (k, v) per layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.max_len:
+            raise RuntimeError(f"KV cache full: {t1} > max_len={self.max_len}; allocate a longer cache")
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for lst in (self.k, self.v):
+            for i, t in enumerate(lst):
+                lst[i] = t.index_select(0, index)
+        if self.cross is not None:
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        self.batch = int(index.numel())
+
+
+def build_mask(
+    q_slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    *,
+    causal: bool = True,
+    prefix_len: torch.Tensor | None = None,
+    window: int | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask [B|1, 1, Tq, Tk]; True = may attend.
+
+    q_slots [Tq], k_slots [Tk] are cache slot indices; prefix_len [B] makes slots < prefix_len
+    bidirectional (prefix decoder); window keeps keys with q - k < window; key_valid [B, Tk] drops padding.
+    """
+    q = q_slots.view(1, 1, -1, 1)
+    k = k_slots.view(1, 1, 1, -1)
+    allowed = (k <= q) if causal else torch.ones(1, 1, q.shape[2], k.shape[3], dtype=torch.bool, device=q.device)
+    if prefix_len is not None and causal:
+        p = prefix_len.view(-1, 1, 1, 1)
+        allowed = allowed | ((k < p) & (q < p))
+    if window is not None:
+        allowed = allowed & ((q - k) < window)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+        # a padding query would see no key at all, and SDPA turns an empty row into NaN that then
+        # leaks through V; letting every slot see itself keeps such rows finite (HF does the same).
+        allowed = allowed | (k == q)
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False):
+        super().__init__()
+        self.cfg, self.layer, self.cross = cfg, layer, cross
+        h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.n_heads, self.n_kv, self.hd = h, kv, hd
+        self.q = nn.Linear(d, h * hd, bias=cfg.qkv_bias)
+        self.k = nn.Linear(d, kv * hd, bias=cfg.qkv_bias)
+        self.v = nn.Linear(d, kv * hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(h * hd, d, bias=cfg.attn_out_bias)
+        self.q_norm = make_norm(cfg, hd) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, hd) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd**-0.5
+        self.window = cfg.sliding_window if (cfg.layer_type(layer) == "local" and not cross) else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        if self.cross and cache is not None and cache.cross is not None and cache.cross[self.layer] is not None:
+            k, v = cache.cross[self.layer]  # encoder memory projected once per generation
+        else:
+            src = memory if self.cross else x
+            S = src.shape[1]
+            k = self.k(src).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+            v = self.v(src).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if rope is not None and not self.cross:
+                k = apply_rope(k, *rope)
+            if cache is not None and not self.cross:
+                k, v = cache.update(self.layer, k, v)
+            elif cache is not None and cache.cross is not None:
+                cache.cross[self.layer] = (k, v)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if rope is not None and not self.cross:
+            q = apply_rope(q, *rope)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if self.cfg.attn_softcap is None:
+            attn_mask = mask
+            if bias is not None:
+                attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, scale=self.scale
+            )
+        else:
+            out = self._manual(q, k, v, mask, bias, is_causal)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return self.o(out)
+
+    def _manual(self, q, k, v, mask, bias, is_causal):
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        c = self.cfg.attn_softcap
+        scores = c * torch.tanh(scores / c)
+        if bias is not None:
+            scores = scores + bias.float()
+        if mask is None and is_causal:
+            Tq, Tk = scores.shape[-2:]
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype)

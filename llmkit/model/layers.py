@@ -1,0 +1,167 @@
+"""Building blocks of survey §4.2.2 (Table 4): normalisation, activations, feed-forward, positions.
+
+Implements:
+- LayerNorm and RMSNorm (with Gemma's (1 + w) offset), biases optional;
+- ReLU, GELU (erf and tanh), SiLU/Swish and the GLU family (SwiGLU, GeGLU, ReGLU) in one `MLP`;
+- absolute positions (learned, sinusoidal [Vaswani et al. 2017]), RoPE tables [Su et al. 2021]
+  with scaling, ALiBi slopes and bias [Press et al. 2022], T5 relative-position buckets [Raffel et al. 2020].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, rope_inv_freq
+
+
+class Norm(nn.Module):
+    """LayerNorm (x-mu)/sigma*g+b or RMSNorm x/rms(x)*(offset+g); computed in float32 like the references."""
+
+    def __init__(self, dim: int, kind: str = "rmsnorm", eps: float = 1e-5, bias: bool = True, offset: float = 0.0):
+        super().__init__()
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return (xf * w).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
+    return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_bias, cfg.norm_offset)
+
+
+def activation_fn(name: str):
+    base = name.replace("swiglu", "silu").replace("geglu_tanh", "gelu_tanh").replace("geglu", "gelu").replace("reglu", "relu")
+    if base == "relu":
+        return F.relu
+    if base == "gelu":
+        return F.gelu
+    if base == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if base == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MLP(nn.Module):
+    """Position-wise FFN: down(act(up x)) or, for GLU variants, down(act(gate x) * up x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, b = cfg.d_model, cfg.d_ff, cfg.mlp_bias
+        self.glu = cfg.is_glu
+        self.act = activation_fn(cfg.activation)
+        self.gate = nn.Linear(d, f, bias=b) if self.glu else None
+        self.up = nn.Linear(d, f, bias=b)
+        self.down = nn.Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.glu:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return pe
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for RoPE, cached and grown on demand; one instance per distinct base."""
+
+    def __init__(self, cfg: ModelConfig, theta: float):
+        super().__init__()
+        inv, self.mscale = rope_inv_freq(cfg, theta)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._grow(cfg.max_seq_len)
+
+    def _grow(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos() * self.mscale
+        self.sin = emb.sin() * self.mscale
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, rot_dim] (float32)."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            self._grow(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot_dim channels of x [B, H, T, hd] (rotate-half layout, as in HF/NeoX)."""
+    rot = cos.shape[-1]
+    xr, xp = (x[..., :rot], x[..., rot:]) if rot < x.shape[-1] else (x, None)
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (xr.float() * cos + rotated.float() * sin).to(x.dtype)
+    return out if xp is None else torch.cat([out, xp], dim=-1)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Geometric slopes 2^(-8i/h) (Press et al. 2022); non-powers of two interleave the next power's slopes."""
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(pow2(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: n_heads - closest])
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """-m * (i - j) for q positions [B, Tq] and key positions [B, Tk] -> [B, H, Tq, Tk]."""
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()
+    return -slopes.view(1, -1, 1, 1).to(dist.device) * dist[:, None]
+
+
+def t5_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """T5's relative-position bucket function (same arithmetic as transformers' T5Attention)."""
+    ret = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (rel > 0).long() * num_buckets
+        n = rel.abs()
+    else:
+        n = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (
+        torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return ret + torch.where(is_small, n, large)
+
+
+class T5Bias(nn.Module):
+    """Learned scalar bias per (bucket, head), shared by all layers of a stack (T5)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.nb, self.md = cfg.t5_num_buckets, cfg.t5_max_distance
+        self.emb = nn.Embedding(cfg.t5_num_buckets, cfg.n_heads)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        rel = k_pos[:, None, :] - q_pos[:, :, None]  # memory - query, as in T5
+        b = t5_bucket(rel, self.bidirectional, self.nb, self.md)
+        return self.emb(b).permute(0, 3, 1, 2)  # [B, H, Tq, Tk]

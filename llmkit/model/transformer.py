@@ -1,0 +1,236 @@
+"""One Transformer for every architecture of survey §4.2 (causal decoder, prefix decoder, encoder-decoder).
+
+Read top to bottom: `Block` is one layer (pre / post / sandwich / parallel, DeepNorm residual scaling,
+dense or MoE FFN, optional cross-attention); `Transformer` embeds, adds positions, runs the stack(s)
+and projects to the vocabulary. Architecture variation is data in `ModelConfig`, never a subclass.
+
+`model(input_ids)` -> logits [B, T, V]. Optional arguments used by the trainer and the engine:
+positions [B, T], attn_mask [B, cache_len + T] (True = real token), cache (KVCache),
+prefix_len [B] (bidirectional prefix), encoder_input_ids / encoder_attn_mask (encoder-decoder).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import Attention, KVCache, build_mask
+from .config import ModelConfig
+from .layers import MLP, Rotary, T5Bias, alibi_bias, alibi_slopes, make_norm, sinusoidal_table
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        self.mlp_norm = None if cfg.parallel_block else make_norm(cfg)
+        sandwich = cfg.norm_position == "sandwich"
+        self.post_attn_norm = make_norm(cfg) if sandwich else None
+        self.post_mlp_norm = make_norm(cfg) if sandwich else None
+        self.cross_attn = Attention(cfg, layer, cross=True) if cross else None
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.alpha = cfg.deepnorm_alpha
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        attn_kw = dict(rope=ctx["rope"], mask=ctx["mask"], bias=ctx["bias"], cache=ctx["cache"], is_causal=ctx["is_causal"])
+        if self.cfg.parallel_block:  # GPT-J / PaLM: both branches read the same normalised input
+            h = self.attn_norm(x)
+            return x + self.drop(self.attn(h, **attn_kw)) + self.drop(self.mlp(h))
+        pos = self.cfg.norm_position
+        if pos == "post":  # Post-LN: Norm(alpha*x + f(x)); alpha = 1 unless DeepNorm
+            x = self.attn_norm(self.alpha * x + self.drop(self.attn(x, **attn_kw)))
+            if self.cross_attn is not None:
+                x = self.cross_norm(self.alpha * x + self._cross(x, ctx))
+            return self.mlp_norm(self.alpha * x + self.drop(self.mlp(x)))
+        a = self.attn(self.attn_norm(x), **attn_kw)
+        x = x + self.drop(self.post_attn_norm(a) if self.post_attn_norm is not None else a)
+        if self.cross_attn is not None:
+            x = x + self._cross(self.cross_norm(x), ctx)
+        m = self.mlp(self.mlp_norm(x))
+        return x + self.drop(self.post_mlp_norm(m) if self.post_mlp_norm is not None else m)
+
+    def _cross(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        return self.drop(self.cross_attn(x, memory=ctx["memory"], mask=ctx["cross_mask"], cache=ctx["cache"]))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        encdec = cfg.arch == "encoder_decoder"
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, d)
+            self.enc_pos_embed = nn.Embedding(cfg.max_seq_len, d) if encdec else None
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
+        if cfg.pos == "rope":
+            self.rope_global = Rotary(cfg, cfg.rope_theta)
+            local_base = cfg.rope_local_theta
+            self.rope_local = Rotary(cfg.__class__(**{**cfg.to_dict(), "rope_scaling": None}), local_base) if local_base else None
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
+        if cfg.pos == "t5":
+            self.t5_bias = T5Bias(cfg, bidirectional=False)
+            self.enc_t5_bias = T5Bias(cfg, bidirectional=True) if encdec else None
+        self.layers = nn.ModuleList(Block(cfg, i, cross=encdec) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.has_final_norm else None
+        if encdec:
+            enc_cfg = ModelConfig(**{**cfg.to_dict(), "n_layers": cfg.n_encoder_layers, "layer_types": None,
+                                     "sliding_window": None, "n_experts": 0})
+            self.encoder = nn.ModuleList(Block(enc_cfg, i) for i in range(cfg.n_encoder_layers))
+            self.enc_norm = make_norm(cfg) if cfg.has_final_norm else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        std, cfg = self.cfg.init_std, self.cfg
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                s = std
+                if name.endswith(("o.weight", "down.weight")):
+                    s = std / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by 1/sqrt(2N)
+                if cfg.deepnorm and name.endswith(("o.weight", "down.weight", "up.weight", "gate.weight", "v.weight")):
+                    s = std * cfg.deepnorm_beta  # DeepNet init down-scaling
+                nn.init.normal_(p, 0.0, s)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward, times their coefficient."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        return self.cfg.moe_aux_loss_coef * sum(losses) if losses else torch.zeros((), device=self.device)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor, pos_table: nn.Embedding | None) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.cfg.embed_grad_scale != 1.0:  # GLM-130B: shrink the embedding gradient by alpha
+            a = self.cfg.embed_grad_scale
+            x = x * a + x.detach() * (1 - a)
+        if self.cfg.embed_scale is not None:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.cfg.pos == "learned":
+            x = x + pos_table(positions)
+        elif self.cfg.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        return x
+
+    def _rope(self, positions: torch.Tensor) -> dict:
+        if self.cfg.pos != "rope":
+            return {"global": None, "local": None}
+        g = self.rope_global(positions)
+        return {"global": g, "local": self.rope_local(positions) if self.rope_local is not None else g}
+
+    # ------------------------------------------------------------------ encoder (encoder-decoder only)
+    def encode(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S = ids.shape
+        slots = torch.arange(S, device=ids.device)
+        positions = slots.expand(B, S)
+        x = self._embed(ids, positions, getattr(self, "enc_pos_embed", None))
+        mask = None if attn_mask is None else build_mask(slots, slots, causal=False, key_valid=attn_mask)
+        bias = self.enc_t5_bias(positions[:1], positions[:1]) if self.cfg.pos == "t5" else None
+        rope = self._rope(positions)["global"]
+        ctx = dict(rope=rope, mask=mask, bias=bias, cache=None, is_causal=False)
+        for blk in self.encoder:
+            x = blk(x, ctx)
+        return self.enc_norm(x) if self.enc_norm is not None else x
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        prefix_len: torch.Tensor | int | None = None,
+        encoder_input_ids: torch.Tensor | None = None,
+        encoder_attn_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, T = input_ids.shape
+        dev = input_ids.device
+        start = cache.length if cache is not None else 0
+        slots = torch.arange(start, start + T, device=dev)
+        k_slots = torch.arange(start + T, device=dev)
+        if positions is None:
+            positions = slots.expand(B, T)
+        if isinstance(prefix_len, int):
+            prefix_len = torch.full((B,), prefix_len, device=dev)
+        if cfg.arch == "prefix_decoder" and prefix_len is None:
+            prefix_len = None  # no prefix given: behaves as a causal decoder
+        x = self._embed(input_ids, positions, getattr(self, "pos_embed", None))
+
+        bias = None
+        if cfg.pos == "alibi":
+            bias = alibi_bias(self.alibi, slots[None], k_slots[None])
+        elif cfg.pos == "t5":
+            bias = self.t5_bias(slots[None], k_slots[None])
+        simple = attn_mask is None and prefix_len is None
+        masks, causal_flags = {}, {}
+        for kind in {cfg.layer_type(i) for i in range(cfg.n_layers)}:
+            window = cfg.sliding_window if kind == "local" else None
+            win_inactive = window is None or start + T <= window
+            if simple and win_inactive and (start == 0 or T == 1):
+                # fast paths: SDPA's own causal kernel for a fresh prompt; no mask for one new token
+                masks[kind], causal_flags[kind] = None, (start == 0 and T > 1)
+            else:
+                masks[kind] = build_mask(slots, k_slots, prefix_len=prefix_len, window=window, key_valid=attn_mask)
+                causal_flags[kind] = False
+        if bias is not None and masks.get("global") is None and causal_flags.get("global"):
+            masks["global"] = build_mask(slots, k_slots)  # an additive bias needs an explicit causal mask
+            causal_flags["global"] = False
+        rope = self._rope(positions)
+
+        cross_mask = None
+        if cfg.arch == "encoder_decoder":
+            if cache is not None and cache.cross is None:
+                cache.cross = [None] * cfg.n_layers
+            need_memory = cache is None or cache.cross[0] is None
+            if memory is None and need_memory:
+                if encoder_input_ids is None:
+                    raise ValueError("an encoder_decoder model needs encoder_input_ids (or memory)")
+                memory = self.encode(encoder_input_ids, encoder_attn_mask)
+            if encoder_attn_mask is not None:
+                cross_mask = encoder_attn_mask[:, None, None, :].bool()
+
+        for i, blk in enumerate(self.layers):
+            kind = cfg.layer_type(i)
+            ctx = dict(rope=rope[kind], mask=masks[kind], bias=bias, cache=cache, is_causal=causal_flags[kind],
+                       memory=memory, cross_mask=cross_mask)
+            x = blk(x, ctx)
+        if cache is not None:
+            cache.length = start + T
+        if self.norm is not None:
+            x = self.norm(x)
+        if return_hidden:
+            return x
+        return self.project(x)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed.weight.t()
+        if self.cfg.logit_softcap is not None:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
