@@ -61,7 +61,8 @@ def build_mask(
     """Boolean mask [B|1, 1, Tq, Tk]; True = may attend.
 
     q_slots [Tq], k_slots [Tk] are cache slot indices; prefix_len [B] makes slots < prefix_len
-    bidirectional (prefix decoder); window keeps keys with q - k < window; key_valid [B, Tk] drops padding.
+    bidirectional (prefix decoder); window keeps keys with q - k < window; key_valid [B, Tk] drops padding
+    ([B, Tq, Tk]: a pairwise mask, e.g. block-diagonal per packed document).
     """
     q = q_slots.view(1, 1, -1, 1)
     k = k_slots.view(1, 1, 1, -1)
@@ -72,7 +73,9 @@ def build_mask(
     if window is not None:
         allowed = allowed & ((q - k) < window)
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :].bool()
+        # [B, Tk] key padding; or [B, Tq, Tk] pairwise (document-aware masking of packed sequences)
+        kv = key_valid[:, None, None, :] if key_valid.dim() == 2 else key_valid[:, None]
+        allowed = allowed & kv.bool()
         # a padding query would see no key at all, and SDPA turns an empty row into NaN that then
         # leaks through V; letting every slot see itself keeps such rows finite (HF does the same).
         allowed = allowed | (k == q)
@@ -106,14 +109,14 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)  # -1: local heads under tensor parallelism
         if self.cross and cache is not None and cache.cross is not None and cache.cross[self.layer] is not None:
             k, v = cache.cross[self.layer]  # encoder memory projected once per generation
         else:
             src = memory if self.cross else x
             S = src.shape[1]
-            k = self.k(src).view(B, S, self.n_kv, self.hd).transpose(1, 2)
-            v = self.v(src).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+            k = self.k(src).view(B, S, -1, self.hd).transpose(1, 2)
+            v = self.v(src).view(B, S, -1, self.hd).transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if rope is not None and not self.cross:
@@ -126,8 +129,8 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         if rope is not None and not self.cross:
             q = apply_rope(q, *rope)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         if self.cfg.attn_softcap is None:
@@ -139,7 +142,7 @@ class Attention(nn.Module):
             )
         else:
             out = self._manual(q, k, v, mask, bias, is_causal)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o(out)
 
     def _manual(self, q, k, v, mask, bias, is_causal):
