@@ -1,0 +1,185 @@
+"""Scalable training on PyTorch's own distributed engine (survey §4.3.2: 3D parallelism, ZeRO).
+
+Implements, applied to a plain `Transformer` from outside (torchtitan style, never woven into the model):
+- process-group setup from `torchrun`'s environment (gloo on CPU, NCCL on CUDA);
+- a 2-D device mesh ("dp", "tp");
+- data parallelism: DDP, or FSDP2 `fully_shard` per block + root (ZeRO-3 style sharding of parameters,
+  gradients and optimizer state) with optional CPU offload and bf16 mixed precision;
+- tensor parallelism with DTensor plans (Megatron-LM layout: q/k/v, gate/up column-wise; o/down row-wise),
+  composable with FSDP2 on the "dp" mesh dimension;
+- distributed checkpoints with `torch.distributed.checkpoint` (each rank writes its shards; loads reshard).
+
+Not covered: pipeline parallelism and sequence/context parallelism (the survey's third dimension of 3D
+parallelism); MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "none"  # none | ddp | fsdp | tp | fsdp+tp
+    tp: int = 1  # tensor-parallel degree (the rest of the world is data-parallel)
+    cpu_offload: bool = False  # FSDP2: keep sharded parameters and optimizer state on the CPU
+    mixed_precision: str | None = None  # FSDP2: "bfloat16" params/compute with float32 reduction
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group that `torchrun` describes in the environment; a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return DistInfo(rank, world, local, device)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_mesh(info: DistInfo, tp: int = 1):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if info.world_size % tp:
+        raise ValueError(f"world size {info.world_size} is not divisible by tp={tp}")
+    return init_device_mesh(info.device.type, (info.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
+    """Shard attention heads and FFN width over `tp_mesh` (Megatron-LM column/row split)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    cfg = model.cfg
+    n = tp_mesh.size()
+    if cfg.n_heads % n or cfg.n_kv_heads % n:
+        raise ValueError(f"tensor parallelism needs n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} divisible by tp={n}")
+    if cfg.n_experts:
+        raise ValueError("tensor parallelism of MoE layers is not supported; use fsdp or ddp")
+    if cfg.attn_softcap is not None:
+        pass  # the manual path also reads local head counts from tensor shapes
+    for blk in model.layers:
+        plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel()}
+        if blk.mlp.gate is not None:
+            plan["mlp.gate"] = ColwiseParallel()
+        plan.update({"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
+        parallelize_module(blk, tp_mesh, plan)
+    return model
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, cfg: DistConfig) -> nn.Module:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw = {"mesh": dp_mesh, "reshard_after_forward": cfg.reshard_after_forward}
+    if cfg.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    if cfg.mixed_precision:
+        dt = getattr(torch, cfg.mixed_precision)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
+    for blk in model.layers:
+        fully_shard(blk, **kw)
+    for blk in getattr(model, "encoder", None) or []:
+        fully_shard(blk, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def parallelize(model: nn.Module, info: DistInfo, cfg: DistConfig) -> nn.Module:
+    """Apply the configured strategy; returns the module to train (DDP wraps, FSDP2/TP modify in place)."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"strategy={cfg.strategy!r} is unknown; choose one of {list(STRATEGIES)}")
+    model.to(info.device)
+    if cfg.strategy == "none" or info.world_size == 1:
+        return model
+    if cfg.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    tp = cfg.tp if "tp" in cfg.strategy else 1
+    if cfg.strategy == "tp":
+        tp = info.world_size
+    mesh = build_mesh(info, tp)
+    if tp > 1:
+        apply_tp(model, mesh["tp"])
+    if "fsdp" in cfg.strategy:
+        apply_fsdp(model, mesh["dp"], cfg)
+    return model
+
+
+def data_parallel_rank(info: DistInfo, cfg: DistConfig) -> tuple[int, int]:
+    """(rank, world) for slicing data: tensor-parallel peers must see the same batch."""
+    tp = info.world_size if cfg.strategy == "tp" else (cfg.tp if "tp" in cfg.strategy else 1)
+    return info.rank // tp, info.world_size // tp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "cfg") else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather a full (unsharded) CPU state dict on every rank; works for plain, DDP, FSDP2 and TP models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    m = unwrap(model)
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_distributed(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Sharded checkpoint with torch.distributed.checkpoint (every rank writes its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    m = unwrap(model)
+    if optimizer is not None:
+        msd, osd = get_state_dict(m, optimizer)
+        state = {"model": msd, "optim": osd}
+    else:
+        state = {"model": m.state_dict()}
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_distributed(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    m = unwrap(model)
+    if optimizer is not None:
+        msd, osd = get_state_dict(m, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(m, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        state = {"model": m.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+        m.load_state_dict(state["model"])
