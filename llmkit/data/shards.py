@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
+
+# torch is imported where batches are built, so `llmkit data tokenize` and its workers start without it
 
 TOKENS_JSON = "tokens.json"
 
@@ -229,14 +230,17 @@ class BatchLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> dict:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
         w = self.windows(self.epoch)[self.step * self.B:(self.step + 1) * self.B]
         self.step += 1
         return self.batch(w)
 
-    def batch(self, windows: Sequence[int]) -> dict[str, torch.Tensor]:
+    def batch(self, windows: Sequence[int]) -> dict:
+        """{"input_ids", "labels"} LongTensors [len(windows), T] (+ "doc_ids", "positions") for these windows."""
+        import torch
+
         rows = np.stack([self.ds.tokens(int(i) * self.T, self.T + 1) for i in windows]).astype(np.int64)
         x = torch.from_numpy(rows)
         out = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
@@ -244,7 +248,9 @@ class BatchLoader:
             out.update(self._doc_info(windows))
         return out
 
-    def _doc_info(self, windows) -> dict[str, torch.Tensor]:
+    def _doc_info(self, windows) -> dict:
+        import torch
+
         starts = self.ds.doc_starts
         pos = np.asarray(windows, np.int64)[:, None] * self.T + np.arange(self.T)[None, :]
         doc = np.searchsorted(starts, pos, side="right") - 1
