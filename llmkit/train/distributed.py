@@ -183,3 +183,72 @@ def load_distributed(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
         state = {"model": m.state_dict()}
         dcp.load(state, checkpoint_id=path)
         m.load_state_dict(state["model"])
+
+
+class TorchDist:
+    """The `dist` object the Trainer takes (see llmkit/train/trainer.py): strategy applied from outside.
+
+    `wrap` applies DDP / FSDP2 / TP; state dicts are gathered full on every rank and loaded back into
+    sharded modules, so a llmkit checkpoint written by rank 0 is the same file as a single-process one.
+    """
+
+    def __init__(self, cfg: DistConfig | None = None, info: DistInfo | None = None):
+        self.cfg = cfg or DistConfig(strategy="ddp")
+        self.info = info or init_distributed()
+        self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
+        self.dp_rank, self.dp_world = data_parallel_rank(self.info, self.cfg)
+        self.model: nn.Module | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self.model = parallelize(model, self.info, self.cfg)
+        return self.model
+
+    def no_sync(self, model: nn.Module):
+        import contextlib
+
+        if hasattr(model, "no_sync"):  # DDP: skip the all-reduce on all but the last micro-batch
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(False)
+            return _ResyncOnExit(model)
+        return contextlib.nullcontext()
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        # FSDP2/TP parameters are DTensors: clip_grad_norm_ reduces the norm across shards itself.
+        live = [p for p in (self.model.parameters() if self.model is not None else params) if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def model_state_dict(self, model: nn.Module) -> dict:
+        return full_state_dict(model)
+
+    def load_model_state_dict(self, model: nn.Module, sd: dict) -> None:
+        if not dist.is_initialized():
+            model.load_state_dict(sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(unwrap(model), sd, options=StateDictOptions(full_state_dict=True))
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class _ResyncOnExit:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+        return False
