@@ -1,0 +1,113 @@
+"""Language identification (survey §4.1.2, language-based filtering).
+
+Implements `LanguageID`: an offline back-end (`langid`, whose model ships inside the package, with
+normalised probabilities) or fastText when `fasttext_model` names a local lid.176-style file (never
+downloaded). It writes `language` and `language_score` into metadata (later stages use the language
+for stop words and word splitting) and drops documents whose top language is not in `languages` or
+whose score is below `threshold` (0.65: the datatrove/FineWeb default; CCNet uses 0.5).
+Only the first `max_chars` characters are classified: the verdict is stable long before that and
+the cost of langid grows with length.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_write_bytes
+from .document import Document
+from .stage import Stage
+
+_MODEL = None
+CACHE = Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit"))
+
+
+def _langid_arrays() -> dict:
+    """langid.py's embedded naive-Bayes model as plain arrays, cached as .npz after the first load
+    (the package's own loader spends ~10 s in bz2 + unpickling on every start)."""
+    import langid
+
+    path = CACHE / f"langid-{getattr(langid, '__version__', '1.1.6')}.npz"
+    if not path.exists():
+        from langid.langid import LanguageIdentifier, model
+
+        li = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+        states = np.array(sorted(li.tk_output), np.int64)
+        outs = [np.array(li.tk_output[s], np.int64) for s in states]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, ptc=li.nb_ptc, pc=li.nb_pc, classes=np.array(li.nb_classes), nextmove=np.array(li.tk_nextmove, np.int64),
+                 out_states=states, out_lens=np.array([len(o) for o in outs]), out_flat=np.concatenate(outs))
+        atomic_write_bytes(path, buf.getvalue())
+    with np.load(path, allow_pickle=False) as z:
+        m = {k: z[k] for k in z.files}
+    m["nextmove"] = m["nextmove"].tolist()  # list indexing is the fastest in the byte loop
+    # state -> feature indices as a dense (n_states, n_feats) incidence to turn state counts into features
+    n_states = len(m["nextmove"]) // 256 + 1
+    rows = np.repeat(m["out_states"], m["out_lens"])
+    m["state_rows"], m["state_cols"], m["n_states"] = rows, m["out_flat"], n_states
+    return m
+
+
+def langid_classify(text: str) -> tuple[str, float]:
+    """langid.py's classifier (same features, same naive Bayes, normalised probability), faster:
+    the feature vector is sparse, so only its non-zero rows of the model are multiplied."""
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = _langid_arrays()
+    m = _MODEL
+    nm, state, seen = m["nextmove"], 0, []
+    for byte in text.encode("utf-8"):
+        state = nm[(state << 8) + byte]
+        seen.append(state)
+    counts = np.bincount(np.array(seen, np.int64), minlength=m["n_states"])
+    fv = np.bincount(m["state_cols"], counts[m["state_rows"]], len(m["ptc"]))
+    nz = np.flatnonzero(fv)
+    pd = fv[nz] @ m["ptc"][nz].astype(np.float64) + m["pc"]
+    with np.errstate(over="ignore"):
+        probs = 1 / np.exp(pd[None, :] - pd[:, None]).sum(1)
+    best = int(np.argmax(probs))
+    return str(m["classes"][best]), float(probs[best])
+
+
+class LanguageID(Stage):
+    type = "langid"
+    histogram_keys = ("language_score",)
+
+    def __init__(self, languages: list[str] | None = ("en",), threshold: float = 0.65, backend: str = "langid",
+                 fasttext_model: str | None = None, max_chars: int = 2000, **kw):
+        super().__init__(**kw)
+        self.languages = set(languages) if languages else None
+        self.threshold, self.max_chars = threshold, max_chars
+        self.backend = "fasttext" if fasttext_model else backend
+        if self.backend == "fasttext":
+            try:
+                import fasttext
+            except ImportError as e:
+                raise ImportError("langid stage: fasttext_model given but the `fasttext` package is missing; "
+                                  "pip install fasttext-wheel, or drop fasttext_model to use langid") from e
+            self._ft = fasttext.load_model(fasttext_model)
+        elif self.backend != "langid":
+            raise ValueError(f"langid stage: unknown backend {backend!r}; use 'langid' or give fasttext_model")
+
+    def classify(self, text: str) -> tuple[str, float]:
+        text = text[: self.max_chars]
+        if self.backend == "fasttext":
+            labels, probs = self._ft.predict(text.replace("\n", " "), k=1)
+            return labels[0].replace("__label__", ""), float(probs[0])
+        return langid_classify(text)
+
+    def measure(self, doc: Document) -> dict:
+        lang, score = self.classify(doc.text)
+        doc.metadata["language"] = lang
+        doc.metadata["language_score"] = round(score, 4)
+        return {"language": lang, "language_score": score}
+
+    def judge(self, s: dict) -> str | None:
+        if self.languages is not None and s["language"] not in self.languages:
+            return "langid_other_language"
+        if s["language_score"] < self.threshold:
+            return "langid_low_score"
+        return None
