@@ -77,7 +77,9 @@ def _worker_init():
 
 def encode_shard(texts: list[str], tokenizer_json: str, eos_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, doc index): every document's ids followed by EOS, and the n_docs + 1 start offsets."""
-    enc = _load_hf(tokenizer_json).encode_batch(texts, add_special_tokens=False)
+    hf = _load_hf(tokenizer_json)
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which packing never uses
+    enc = getattr(hf, "encode_batch_fast", hf.encode_batch)(texts, add_special_tokens=False)
     lens = np.fromiter((len(e.ids) + 1 for e in enc), dtype=np.int64, count=len(enc))
     idx = np.concatenate([[0], np.cumsum(lens)]).astype("<i8")
     out = np.empty(int(idx[-1]), dtype=dtype)
@@ -162,7 +164,8 @@ def tokenize_to_dir(inputs: Iterable[str | Path] | None, tokenizer, out_dir: str
             "n_docs": sum(m["n_docs"] for m in markers), "tokenizer": "tokenizer",
             "shards": [{k: m[k] for k in ("file", "n_tokens", "n_docs")} for m in markers]}
     atomic_write_json(d / TOKENS_JSON, meta)
-    write_manifest(d, "tokens", parents=[Path(p) for p in inputs], config=settings, command=command)
+    parents = [Path(p) for p in inputs] + ([Path(tokenizer)] if isinstance(tokenizer, (str, Path)) else [])
+    write_manifest(d, "tokens", parents=parents, config=settings, command=command)
     return TokenDataset(d)
 
 
