@@ -178,16 +178,18 @@ def dataset_from_texts(texts: Iterable[str], tokenizer, eos_id: int | None = Non
     eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError("dataset_from_texts: the tokenizer has no eos_token_id; pass eos_id=")
-    ids, starts, n = [], [], 0
-    for t in texts:
-        enc = tokenizer.encode(t, add_special_tokens=False)
-        enc = list(getattr(enc, "ids", enc)) + [eos]
-        starts.append(n)
-        ids.extend(enc)
-        n += len(enc)
-    vocab = getattr(tokenizer, "vocab_size", None) or (max(ids) + 1 if ids else 1)
-    if callable(vocab):
+    texts = list(texts)
+    if hasattr(tokenizer, "encode_batch"):  # llmkit Tokenizer (lists) or tokenizers.Tokenizer (Encodings)
+        encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+    else:
+        encs = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    docs = [list(getattr(e, "ids", e)) + [eos] for e in encs]
+    ids = [i for d in docs for i in d]
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]]) if docs else np.zeros(0, np.int64)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is None and hasattr(tokenizer, "get_vocab_size"):
         vocab = tokenizer.get_vocab_size()
+    vocab = max(vocab or 0, max(ids) + 1 if ids else 1)  # HF's vocab_size leaves out added tokens
     arr = np.asarray(ids, dtype=dtype_for_vocab(int(vocab)))
     return TokenDataset(arrays=[arr], doc_starts=np.asarray(starts, np.int64), eos_id=eos)
 

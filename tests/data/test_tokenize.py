@@ -130,3 +130,22 @@ def test_no_documents_is_a_clear_error(tok_dir, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="no documents"):
         tokenize_to_dir([empty], tok_dir, tmp_path / "out")
+
+
+def test_cleaning_output_folder_of_jsonl_zst(stories, tok_dir, tmp_path):
+    import zstandard
+
+    _, docs = stories
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    parts = [docs[:30], docs[30:70]]
+    for k, part in enumerate(parts):
+        lines = "".join(json.dumps({"id": f"{k}-{i}", "text": t, "source": "ts", "metadata": {"lang": "en"}}) + "\n"
+                        for i, t in enumerate(part))
+        (folder / f"part-{k:05d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    ds = tokenize_to_dir([folder], tok_dir, tmp_path / "t")
+    want, starts, tok = _expected(tok_dir, docs[:70])
+    assert np.array_equal(ds.tokens(0, len(ds)), want) and np.array_equal(ds.doc_starts, starts)
+    # the in-memory helper accepts a raw tokenizers.Tokenizer too
+    raw = dataset_from_texts(docs[:70], tok.tok, eos_id=tok.eos_token_id)
+    assert np.array_equal(raw.tokens(0, len(raw)), want)
