@@ -57,3 +57,24 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
     assert losses == pytest.approx(ref_losses, abs=2e-5)
     for k in ref_params:
         assert torch.allclose(params[k], ref_params[k], atol=2e-5), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
+    """The one Trainer with TorchDist: same global batch -> same losses and parameters as one process."""
+    worker = Path(__file__).with_name("dist_trainer_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single.json"
+    res = subprocess.run([sys.executable, str(worker), "none", str(single)], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    multi = tmp_path / "multi.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    assert len(a["losses"]) == 4
+    assert b["losses"] == pytest.approx(a["losses"], abs=2e-5)
+    for k in a["params"]:
+        assert b["params"][k] == pytest.approx(a["params"][k], abs=2e-5), k

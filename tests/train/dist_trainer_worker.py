@@ -1,0 +1,38 @@
+"""Worker for test_distributed_trainer: the one Trainer under torchrun (gloo) with TorchDist, or alone."""
+import json
+import sys
+
+import numpy as np
+import torch
+
+from llmkit.data.shards import BatchLoader, TokenDataset
+from llmkit.model import ModelConfig, Transformer
+from llmkit.train.config import TrainConfig
+from llmkit.train.distributed import DistConfig, TorchDist, full_state_dict
+from llmkit.train.trainer import Trainer
+
+
+def main(strategy: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist = TorchDist(DistConfig(strategy=strategy)) if strategy != "none" else None
+    rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64))
+    ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
+    ds = TokenDataset(arrays=[ids], doc_starts=np.array([0], np.int64), eos_id=0)
+    # global batch 8 sequences: one process takes 8 per step, each of two ranks 4 (disjoint slices)
+    loader = BatchLoader(ds, 8 // world, 16, seed=0, rank=rank, world_size=world)
+    cfg = TrainConfig(max_steps=4, micro_batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
+                      progress=False, tensorboard=False, log_every=1, device="cpu", seed=0)
+    losses = []
+    trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist, hooks=[lambda tr, rec: losses.append(rec["loss"])])
+    trainer.fit(resume=False)
+    sd = full_state_dict(trainer.model)
+    if (dist is None or dist.rank == 0):
+        json.dump({"losses": losses, "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
+    if dist is not None:
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
