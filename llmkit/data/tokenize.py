@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -80,17 +81,17 @@ def encode_shard(texts: list[str], tokenizer_json: str, eos_id: int, dtype: str)
     hf = _load_hf(tokenizer_json)
     # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which packing never uses
     enc = getattr(hf, "encode_batch_fast", hf.encode_batch)(texts, add_special_tokens=False)
-    lens = np.fromiter((len(e.ids) + 1 for e in enc), dtype=np.int64, count=len(enc))
+    docs = [e.ids for e in enc]  # .ids builds a new list on every access: take it once
+    for d in docs:
+        d.append(eos_id)
+    lens = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     idx = np.concatenate([[0], np.cumsum(lens)]).astype("<i8")
-    out = np.empty(int(idx[-1]), dtype=dtype)
-    for e, a in zip(enc, idx[:-1]):
-        n = len(e.ids)
-        out[a:a + n] = e.ids
-        out[a + n] = eos_id
+    out = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(idx[-1]))
     return out, idx
 
 
-def write_shard(k: int, texts: list[str], out_dir: str, tokenizer_json: str, eos_id: int, dtype: str) -> dict:
+def write_shard(k: int, texts: list[str], out_dir: str, tokenizer_json: str, eos_id: int, dtype: str,
+                text_sha: str | None = None) -> dict:
     """Encode and write shard k; the .done marker goes last, after both files are complete on disk."""
     tokens, idx = encode_shard(texts, tokenizer_json, eos_id, dtype)
     d, name = Path(out_dir), _shard_name(k)
@@ -98,7 +99,7 @@ def write_shard(k: int, texts: list[str], out_dir: str, tokenizer_json: str, eos
     atomic_write_bytes(d / f"{name}.bin", b)
     atomic_write_bytes(d / f"{name}.idx", i)
     marker = {"file": f"{name}.bin", "n_tokens": int(len(tokens)), "n_docs": len(texts),
-              "text_bytes": sum(len(t.encode("utf-8")) for t in texts), "text_sha256": _text_hash(texts),
+              "text_bytes": sum(len(t.encode("utf-8")) for t in texts), "text_sha256": text_sha or _text_hash(texts),
               "bin_sha256": hashlib.sha256(b).hexdigest(), "idx_sha256": hashlib.sha256(i).hexdigest()}
     atomic_write_json(d / f"{name}.done", marker)
     return marker
@@ -191,11 +192,12 @@ def _run(d: Path, shards: Iterator[list[str]], tok_json: str, eos_id: int, dtype
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
     try:
         for k, texts in enumerate(shards):
-            m = _done_marker(d, k, _text_hash(texts), dtype.itemsize)
+            sha = _text_hash(texts)
+            m = _done_marker(d, k, sha, dtype.itemsize)
             if m is not None:
                 markers.append(m)
                 continue
-            args = (k, texts, str(d), tok_json, eos_id, dtype.name)
+            args = (k, texts, str(d), tok_json, eos_id, dtype.name, sha)
             if pool is None:
                 markers.append(write_shard(*args))
                 continue
