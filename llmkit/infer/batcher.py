@@ -165,7 +165,7 @@ class Batcher:
         self.stats["prompt_tokens"] += P
         tok = int(sample_next(logits, req.params, [req.generator])[0])
         reason = self._emit_token(req, tok)
-        if reason is None and P + 1 > self.max_context:
+        if reason is None and P + req.generated >= self.max_context:
             reason = "length"
         if reason is not None:
             return self._finish(req, reason)
@@ -279,7 +279,7 @@ class Batcher:
         for (i, r), tok in zip(active, toks):
             r.pos += 1
             reason = self._emit_token(r.req, tok)
-            if reason is None and r.pos + 1 > self.max_context:
+            if reason is None and len(r.req.prompt_ids) + r.req.generated >= self.max_context:
                 reason = "length"
             if reason is not None:
                 self.rows[i] = None

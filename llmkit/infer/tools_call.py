@@ -205,8 +205,9 @@ def run_builtin_tool(name: str, arguments: dict, python: bool) -> str:
 
 
 def _run_python(code: str) -> str:
-    sb = _sandbox()
-    res = sb.run_python(code, timeout=5.0) if hasattr(sb, "run_python") else sb.run(code)
-    if isinstance(res, dict):
-        return str(res.get("stdout", "")) + (f"\n{res['stderr']}" if res.get("stderr") else "")
-    return str(getattr(res, "stdout", res))
+    """stdout (+ stderr, status) of `code` run by `llmkit.prompting.sandbox.run_python` (5 s, 256 MB)."""
+    res = _sandbox().run_python(code[:20_000], timeout=5.0, memory_mb=256)
+    out = res.stdout[-4000:]  # the model's context is short; keep the tail, where results are printed
+    if not res.ok:
+        out += f"\n[{res.status}] {res.stderr[-2000:]}"
+    return out

@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import pytest
 import tokenizers
 import torch
 import uvicorn
@@ -82,3 +83,13 @@ def running_server(model, tok, model_id="tiny", **kw):
     finally:
         server.should_exit = True
         th.join(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread; two spinning OpenMP threads on a busy 2-core
+    machine made a 50-token forward ~300x slower in our measurements. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
