@@ -287,6 +287,7 @@ def draw(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         e = torch.empty_like(probs)
         for i, g in enumerate(generator):
             e[i].exponential_(generator=g)
+    e.clamp_(min=torch.finfo(e.dtype).tiny)  # 0/0 would be NaN, and argmax takes NaN for the maximum
     return (probs / e).argmax(-1)
 
 
