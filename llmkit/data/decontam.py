@@ -5,8 +5,8 @@ Implements:
   llama.cpp HellaSwag text format (context + gold ending, `.txt[.bz2]`), CSV (MMLU: cells joined)
   and plain text (one item per non-empty line);
 - `NGramIndex`: word n-grams (13 by default, GPT-3's decontamination length; datatrove uses 12)
-  of the lower-cased, language-aware word split, hashed with the MinHash shingle hash and kept in a
-  sorted numpy array (membership by `np.searchsorted`); an item shorter than n words is indexed
+  of the lower-cased, language-aware word split, hashed to 64 bits (32-bit hashes gave chance hits at
+  this index size) and kept in a sorted numpy array (membership by `np.searchsorted`); an item shorter than n words is indexed
   whole when it has at least `min_words` words;
 - `Decontaminate` stage: counts overlapping n-grams per benchmark, stores them in
   `metadata["contamination"]`, and drops (or, in tag mode, flags) documents with >= `min_hits`.
@@ -73,9 +73,9 @@ class NGramIndex:
             wh = self.shingler.word_hashes(WORD_RE.findall(t.lower()))
             k = min(self.n, len(wh))
             if k >= self.min_words:
-                by_len.setdefault(k, []).append(shingle_hashes(wh, k))
+                by_len.setdefault(k, []).append(shingle_hashes(wh, k, bits=64))
         for k, arrs in by_len.items():
-            prev = self.tables.setdefault(k, {}).get(benchmark, np.zeros(0, np.uint32))
+            prev = self.tables.setdefault(k, {}).get(benchmark, np.zeros(0, np.uint64))
             self.tables[k][benchmark] = np.unique(np.concatenate([prev, *arrs]))
 
     def hits(self, text: str) -> dict[str, int]:
@@ -84,7 +84,7 @@ class NGramIndex:
         for k, tables in self.tables.items():
             if len(wh) < k:
                 continue
-            grams = shingle_hashes(wh, k)
+            grams = shingle_hashes(wh, k, bits=64)
             for bench, table in tables.items():
                 pos = np.searchsorted(table, grams).clip(max=len(table) - 1)
                 n = int((table[pos] == grams).sum())

@@ -68,15 +68,18 @@ class Shingler:
         return shingle_hashes(self.word_hashes(WORD_RE.findall(text.lower())), self.n)
 
 
-def shingle_hashes(wh: np.ndarray, n: int) -> np.ndarray:
-    """uint32 hash of every word n-gram (a document shorter than n words is one shingle)."""
+def shingle_hashes(wh: np.ndarray, n: int, bits: int = 32) -> np.ndarray:
+    """Hash of every word n-gram (a document shorter than n words is one shingle): uint32 for
+    MinHash, or the full uint64 (`bits=64`) where collisions matter, e.g. decontamination indexes."""
     if len(wh) == 0:
-        return np.zeros(0, np.uint32)
+        return np.zeros(0, np.uint32 if bits == 32 else np.uint64)
     m = max(len(wh) - n + 1, 1)
     k = min(n, len(wh))
     h = np.zeros(m, np.uint64)
     for j in range(k):
         h = h * _MULT + wh[j: j + m]
+    if bits == 64:
+        return h
     return ((h ^ (h >> np.uint64(32))) & MASK32).astype(np.uint32)
 
 
