@@ -33,8 +33,9 @@ def tiny_tokenizer() -> Tokenizer:
 
 def tiny_model(vocab: int, seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                      activation="swiglu", **kw)
+    args = dict(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                activation="swiglu") | kw
+    cfg = ModelConfig(**args)
     return Transformer(cfg).eval()
 
 

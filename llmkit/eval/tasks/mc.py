@@ -23,6 +23,17 @@ LETTERS = "ABCD"
 # --------------------------------------------------------------------------- HellaSwag
 def read_hellaswag_txt(path: Path) -> list[dict]:
     path = Path(path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns) if path.exists() else None
+    if key not in _HS_CACHE:  # bz2 decompression of 10k items takes seconds; read each file once
+        _HS_CACHE.clear()
+        _HS_CACHE[key] = _read_hellaswag_txt(path)
+    return _HS_CACHE[key]
+
+
+_HS_CACHE: dict = {}
+
+
+def _read_hellaswag_txt(path: Path) -> list[dict]:
     if not path.exists():
         raise TaskDataError(f"{path}: file not found")
     opener = bz2.open if path.suffix == ".bz2" else open
