@@ -173,3 +173,15 @@ def test_bad_mixture_input_errors():
         MixtureSampler(["a"], [_windows(3)], weights={"b": 1.0})
     with pytest.raises(ValueError, match="no data"):
         MixtureSampler(["a"], [np.zeros(0)])
+
+
+def test_examples_proportional_cap_chi_square():
+    # T5 / FLAN balancing: natural weights min(n_i, K); here K = 20k tokens caps the big source to the size of the middle one
+    sizes = [20_000, 2_000, 500]  # windows of 10 tokens
+    s = MixtureSampler(["a", "b", "c"], [_windows(n) for n in sizes], size_cap=20_000, temperature=1.0, seed=5)
+    counts = np.zeros(3)
+    for _ in range(10_000):
+        counts[s.next()[0]] += 1
+    want = np.minimum(np.array(sizes) * 10.0, 20_000)
+    assert chisquare(counts, 10_000 * want / want.sum()).pvalue > 1e-3
+    assert abs(counts[0] / 10_000 - 20 / 45) < 0.02  # capped 20k of 45k tokens; uncapped it would be 0.89
