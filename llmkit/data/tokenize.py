@@ -6,7 +6,8 @@ Implements:
 - per shard: `shard_NNNNN.bin` (uint16 when the vocabulary has <= 65536 ids, else uint32; EOS after every
   document), `shard_NNNNN.idx` (int64 document start offsets, n_docs + 1 entries) and last a
   `shard_NNNNN.done` marker holding the hashes and counts; a shard counts as done only when its marker
-  matches its files and its input text, so a killed run resumes where it stopped and gives identical output;
+  matches its files (sizes and sha256) and its input text, so a killed run resumes where it stopped and gives
+  identical output, and a shard damaged after its marker is redone;
 - N worker processes (each single-threaded), or in-process multi-threaded encoding with workers=1;
 - `tokens.json` (dtype, eos id, vocabulary size, shards), a copy of the tokenizer, and `manifest.json`.
 Read the result with `llmkit.data.shards.TokenDataset(out_dir)`.
@@ -26,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..artifacts import atomic_write_bytes, atomic_write_json, write_manifest
+from ..artifacts import atomic_write_bytes, atomic_write_json, file_sha256, write_manifest
 
 # shards.py (the loader) imports torch; it is imported lazily so spawned workers start in a fraction of a second
 
@@ -111,7 +112,10 @@ def _done_marker(d: Path, k: int, text_sha: str, itemsize: int) -> dict | None:
     try:
         m = json.loads((d / f"{name}.done").read_text())
         ok = (m["text_sha256"] == text_sha and (d / f"{name}.bin").stat().st_size == m["n_tokens"] * itemsize
-              and (d / f"{name}.idx").stat().st_size == (m["n_docs"] + 1) * 8)
+              and (d / f"{name}.idx").stat().st_size == (m["n_docs"] + 1) * 8
+              # hashing a shard costs ~1% of tokenizing it, and catches files damaged after their marker
+              and file_sha256(d / f"{name}.bin") == m["bin_sha256"]
+              and file_sha256(d / f"{name}.idx") == m["idx_sha256"])
     except (OSError, ValueError, KeyError):
         return None
     return m if ok else None

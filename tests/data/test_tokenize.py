@@ -97,9 +97,12 @@ def test_kill_and_resume_gives_identical_output(stories, tok_dir, tmp_path):
     done = len(list(out.glob("*.done")))
     assert 5 <= done < n_shards, "the kill must land mid-way"
     assert not (out / "tokens.json").exists()
-    # simulate the other ways a run dies: a shard written without its marker, and a marker whose file is truncated
+    # other ways a run goes wrong: a marker whose file is truncated, a shard without its marker, a damaged file
     (out / "shard_00001.bin").write_bytes((out / "shard_00001.bin").read_bytes()[:-6])
     (out / "shard_00002.done").unlink()
+    damaged = bytearray((out / "shard_00003.bin").read_bytes())  # same size, one flipped bit
+    damaged[7] ^= 1
+    (out / "shard_00003.bin").write_bytes(bytes(damaged))
     assert tokenize_main(_cmd(path, tok_dir, out)[3:]) == 0
     names = sorted(p.name for p in ref.glob("shard_*"))
     assert names == sorted(p.name for p in out.glob("shard_*"))
