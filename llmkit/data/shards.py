@@ -122,8 +122,10 @@ class TokenDataset:
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) of this (view of the) stream, spanning shard boundaries."""
-        if start < 0 or start + length > len(self):
+        if start < 0 or length < 0 or start + length > len(self):
             raise IndexError(f"tokens [{start}, {start + length}) outside a stream of {len(self)}")
+        if length == 0:
+            return np.zeros(0, dtype=self.arrays[0].dtype if self.arrays else np.uint16)
         a = self.lo + start
         b = a + length
         i = int(np.searchsorted(self._cum, a, side="right")) - 1
@@ -141,9 +143,12 @@ class TokenDataset:
         """Start offsets of the documents that begin inside this view (relative to the view)."""
         if self._doc_starts is None:
             return None
-        s = self._doc_starts
-        s = s[(s >= self.lo) & (s < self.hi)] - self.lo
-        return s if len(s) and s[0] == 0 else np.concatenate([[0], s]).astype(np.int64)
+        if getattr(self, "_view_starts", None) is None:  # computed once per view: the loader asks every batch
+            s = self._doc_starts
+            a, b = np.searchsorted(s, [self.lo, self.hi])
+            s = s[a:b] - self.lo
+            self._view_starts = s if len(s) and s[0] == 0 else np.concatenate([[0], s]).astype(np.int64)
+        return self._view_starts
 
     @property
     def n_docs(self) -> int | None:
@@ -152,9 +157,11 @@ class TokenDataset:
 
     def view(self, start: int, end: int) -> "TokenDataset":
         """A dataset over tokens [start, end) of this one, sharing the memory maps."""
+        if not 0 <= start <= end <= len(self):
+            raise IndexError(f"view [{start}, {end}) outside a stream of {len(self)}")
         v = object.__new__(TokenDataset)
         v.__dict__.update(self.__dict__)
-        v.lo, v.hi = self.lo + start, self.lo + end
+        v.lo, v.hi, v._view_starts = self.lo + start, self.lo + end, None
         return v
 
     def split(self, val_fraction: float = 0.01) -> tuple["TokenDataset", "TokenDataset"]:
