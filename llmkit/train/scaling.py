@@ -130,7 +130,7 @@ def _grid_then_lbfgs(objective, axes: list[list[float]], keep: int = 4) -> torch
     """Score every grid point (cheap, no gradients), then run L-BFGS from the `keep` best ones."""
     points = torch.tensor(list(itertools.product(*axes)), dtype=torch.float64)
     with torch.no_grad():
-        scores = torch.tensor([objective(p).item() for p in points])
+        scores = objective(points)
     scores = torch.nan_to_num(scores, nan=float("inf"))
     best, best_p = float("inf"), None
     for i in scores.argsort()[:keep].tolist():
@@ -145,10 +145,10 @@ def fit_chinchilla(N, D, L, delta: float = 1e-3) -> Chinchilla:
     """Chinchilla Approach 3: minimise sum Huber(LSE(a - alpha log N, b - beta log D, e) - log L)."""
     lN, lD, lL = (torch.tensor(list(v), dtype=torch.float64).log() for v in (N, D, L))
 
-    def objective(p):
-        a, b, e, al, be = p
-        pred = torch.logsumexp(torch.stack([a - al * lN, b - be * lD, e.expand_as(lN)]), 0)
-        return _huber(pred - lL, delta).sum()
+    def objective(p):  # p [..., 5] -> [...]: the grid is scored in one batched call
+        a, b, e, al, be = (p[..., i : i + 1] for i in range(5))
+        pred = torch.logsumexp(torch.stack(torch.broadcast_tensors(a - al * lN, b - be * lD, e + 0 * lN)), 0)
+        return _huber(pred - lL, delta).sum(-1)
 
     best_p = _grid_then_lbfgs(objective, [[0.0, 3.0, 6.0, 9.0, 12.0], [0.0, 3.0, 6.0, 9.0, 12.0],
                                           [-1.0, -0.5, 0.0, 0.5, 1.0], [0.1, 0.3, 0.5, 0.8], [0.1, 0.3, 0.5, 0.8]])
@@ -161,9 +161,9 @@ def fit_kaplan(N, D, L, delta: float = 1e-3) -> Kaplan:
     lN, lD, lL = (torch.tensor(list(v), dtype=torch.float64).log() for v in (N, D, L))
 
     def objective(p):
-        lnc, ldc, an, ad = p
-        inner = torch.logsumexp(torch.stack([(an / ad) * (lnc - lN), ldc - lD]), 0)
-        return _huber(ad * inner - lL, delta).sum()
+        lnc, ldc, an, ad = (p[..., i : i + 1] for i in range(4))
+        inner = torch.logsumexp(torch.stack(torch.broadcast_tensors((an / ad) * (lnc - lN), ldc - lD)), 0)
+        return _huber(ad * inner - lL, delta).sum(-1)
 
     best_p = _grid_then_lbfgs(objective, [[5.0, 10.0, 15.0, 20.0, 25.0], [5.0, 10.0, 15.0, 20.0, 25.0],
                                           [0.03, 0.07, 0.15, 0.3, 0.6], [0.03, 0.07, 0.15, 0.3, 0.6]])
@@ -171,13 +171,14 @@ def fit_kaplan(N, D, L, delta: float = 1e-3) -> Kaplan:
     return Kaplan(Nc=math.exp(lnc), Dc=math.exp(ldc), alpha_N=an, alpha_D=ad)
 
 
-def fit_report(runs: list[dict]) -> dict:
-    """Fit both laws to runs [{"N", "D", "loss", "flops"}] and return their parameters and residuals."""
+def fit_report(runs: list[dict]) -> tuple[dict, Chinchilla, Kaplan]:
+    """Fit both laws to runs [{"N", "D", "loss", "flops"}]: (report of parameters and residuals, laws)."""
     N, D, L = [r["N"] for r in runs], [r["D"] for r in runs], [r["loss"] for r in runs]
     ch, ka = fit_chinchilla(N, D, L), fit_kaplan(N, D, L)
     resid = lambda law: max(abs(law.loss(n, d) / l - 1) for n, d, l in zip(N, D, L))  # noqa: E731
-    return {"chinchilla": asdict(ch), "kaplan": asdict(ka),
-            "max_rel_residual": {"chinchilla": resid(ch), "kaplan": resid(ka)}}
+    report = {"chinchilla": asdict(ch), "kaplan": asdict(ka),
+              "max_rel_residual": {"chinchilla": resid(ch), "kaplan": resid(ka)}}
+    return report, ch, ka
 
 
 def plot_fit(runs: list[dict], law: Chinchilla, path: str, predicted: dict | None = None) -> None:

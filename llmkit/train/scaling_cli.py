@@ -23,7 +23,7 @@ import torch
 from ..artifacts import atomic_write_json, write_manifest
 from ..model import ModelConfig, Transformer
 from .config import TrainConfig
-from .scaling import fit_chinchilla, fit_kaplan, fit_report, params_for_law, plot_fit, training_flops
+from .scaling import fit_report, params_for_law, plot_fit, training_flops
 
 
 def ladder_model(width: int, layers: int, vocab: int, seq_len: int) -> ModelConfig:
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  width {w:4d}  N {r['N']:>9,d}  D {r['D']:>10,d}  C {r['flops']:.3g}  loss {r['loss']:.4f}  ({r['wall_s']}s)")
                 runs.append(r)
 
-    report = fit_report(runs)
-    ch = fit_chinchilla([r["N"] for r in runs], [r["D"] for r in runs], [r["loss"] for r in runs])
+    report, ch, ka = fit_report(runs)
     report["n_runs"] = len(runs)
     print(f"Chinchilla fit: L = {ch.E:.3f} + {ch.A:.3g}/N^{ch.alpha:.3f} + {ch.B:.3g}/D^{ch.beta:.3f}")
-    ka = fit_kaplan([r["N"] for r in runs], [r["D"] for r in runs], [r["loss"] for r in runs])
     print(f"Kaplan fit: L = [({ka.Nc:.3g}/N)^({ka.alpha_N:.3f}/{ka.alpha_D:.3f}) + {ka.Dc:.3g}/D]^{ka.alpha_D:.3f}")
     if args.budget:
         n_opt, d_opt = ch.compute_optimal(args.budget)

@@ -57,3 +57,29 @@ def test_kaplan_fit_recovers_known_law():
     fit = fit_kaplan(N, D, L)
     assert fit.loss(1e7, 1e8) == pytest.approx(true.loss(1e7, 1e8), rel=0.01)
     assert math.isfinite(fit.alpha_N)
+
+
+def test_scaling_cli_trains_a_ladder_and_fits(tmp_path):
+    """`llmkit scaling` end to end on a tiny ladder: real runs through the Trainer, fits, plot, resume."""
+    import json
+
+    from llmkit.train.scaling_cli import main
+
+    text = ("the quick brown fox jumps over the lazy dog. " * 400) + ("pack my box with five dozen liquor jugs. " * 400)
+    data = tmp_path / "corpus.txt"
+    data.write_text(text)
+    out = tmp_path / "ladder"
+    args = ["--data", str(data), "--out", str(out), "--widths", "16,32", "--tokens", "4e3,8e3", "--seq-len", "32",
+            "--batch", "8", "--eval-batches", "2", "--budget", "1e12"]
+    assert main(args) == 0
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 4 and all(r["loss"] < 4.0 for r in runs)  # below ln(vocab) after training
+    big = [r for r in runs if r["width"] == 32]
+    assert big[1]["loss"] < big[0]["loss"] + 0.05  # more tokens, no worse
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["n_runs"] == 4 and fit["compute_optimal"]["N"] > 0
+    assert (out / "scaling.png").stat().st_size > 1000 and (out / "manifest.json").exists()
+    # a second invocation resumes: nothing is retrained
+    mtime = (out / "runs.jsonl").stat().st_mtime_ns
+    assert main(args) == 0 and (out / "runs.jsonl").stat().st_mtime_ns == mtime
+    assert main(["--runs", str(out / "runs.jsonl"), "--out", str(tmp_path / "refit")]) == 0
