@@ -1,0 +1,217 @@
+"""Denoising objectives of survey §4.2.3 (D2, D3): T5 span corruption and the UL2 mixture of denoisers.
+
+Implements:
+- `random_spans_noise_mask(L, rate, mean_span, rng)`: T5's sampler (Raffel et al. 2020,
+  `random_spans_noise_mask`): round(L*rate) noise tokens in round(noise/mean_span) spans, span and gap
+  lengths drawn as random partitions, the sequence starting with a non-noise gap;
+- `span_corrupt(tokens, mask, sentinels)`: inputs with every noise span replaced by one sentinel,
+  targets = sentinel_0 span_0 sentinel_1 span_1 ... (sentinels unique, in order); `reconstruct` inverts it;
+- the UL2 denoisers (Tay et al. 2022): R (mean span 3 and 8, rate 0.15), S (prefix LM, the last 25% is
+  the target), X (spans 3/8 at rate 0.5, span 64 at rates 0.15/0.5), each example prefixed by its
+  paradigm token [R]/[S]/[X], sampled from a configurable mixture (default: uniform over the 7);
+- layouts for both model kinds: decoder-only = [mode] inputs targets with a bidirectional prefix and loss
+  on the targets only; encoder-decoder = encoder reads [mode] inputs, decoder predicts the targets;
+- `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows; deterministic per
+  batch index (RNG seeded by (seed, index)) and resumable through `state_dict()`.
+
+Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
+base + 3 + i; `special_vocab(base, n_sentinels)` gives the model's vocabulary size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .objectives import IGNORE, prefix_lm_batch
+
+MODES = ("R", "S", "X")
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    mode: str  # R, S or X
+    mean_span: float = 3.0
+    rate: float = 0.15
+
+
+UL2_DENOISERS = (Denoiser("R", 3, 0.15), Denoiser("R", 8, 0.15), Denoiser("S", 0, 0.25),
+                 Denoiser("X", 3, 0.5), Denoiser("X", 8, 0.5), Denoiser("X", 64, 0.15), Denoiser("X", 64, 0.5))
+T5_DENOISER = Denoiser("R", 3, 0.15)  # T5: 15% corruption, mean span 3
+
+
+def special_vocab(base: int, n_sentinels: int = 100) -> int:
+    return base + 3 + n_sentinels
+
+
+def _segment(n_items: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Lengths of a uniformly random partition of n_items into n_segments non-empty segments."""
+    first = np.arange(n_items - 1) < n_segments - 1
+    rng.shuffle(first)
+    seg_id = np.cumsum(np.concatenate([[0], first]))
+    return np.bincount(seg_id, minlength=n_segments)
+
+
+def random_spans_noise_mask(length: int, rate: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
+    n_noise = int(min(max(round(length * rate), 1), length - 1))
+    n_spans = max(1, int(round(n_noise / mean_span)))
+    n_spans = min(n_spans, n_noise, length - n_noise)
+    noise = _segment(n_noise, n_spans, rng)
+    keep = _segment(length - n_noise, n_spans, rng)
+    starts = np.cumsum(np.stack([keep, noise], 1).reshape(-1))[:-1]
+    ind = np.zeros(length, dtype=np.int64)
+    ind[starts] = 1
+    return (np.cumsum(ind) % 2) == 1
+
+
+def span_corrupt(tokens: np.ndarray, mask: np.ndarray, sentinels) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets): each noise span -> one sentinel in the inputs; targets = sentinel_i + span_i, in order."""
+    inputs, targets, i, k = [], [], 0, 0
+    n = len(tokens)
+    while i < n:
+        if mask[i]:
+            j = i
+            while j < n and mask[j]:
+                j += 1
+            if k >= len(sentinels):
+                raise ValueError(f"{k + 1} noise spans but only {len(sentinels)} sentinels; raise n_sentinels")
+            inputs.append(sentinels[k])
+            targets.append(sentinels[k])
+            targets.extend(tokens[i:j].tolist())
+            k, i = k + 1, j
+        else:
+            inputs.append(int(tokens[i]))
+            i += 1
+    return np.asarray(inputs, np.int64), np.asarray(targets, np.int64)
+
+
+def reconstruct(inputs, targets, sentinels) -> list[int]:
+    """Invert span_corrupt: put every target span back where its sentinel stands in the inputs."""
+    pos = {s: i for i, s in enumerate(sentinels)}
+    spans, cur = {}, None
+    for t in targets:
+        if int(t) in pos:
+            cur = int(t)
+            spans[cur] = []
+        elif cur is not None:
+            spans[cur].append(int(t))
+    out = []
+    for t in inputs:
+        out.extend(spans[int(t)] if int(t) in pos else [int(t)])
+    return out
+
+
+def _n_spans(length: int, d: Denoiser) -> int:
+    return max(1, int(round(max(1, round(length * d.rate)) / max(d.mean_span, 1))))
+
+
+def denoise_example(tokens: np.ndarray, d: Denoiser, base: int, rng: np.random.Generator, n_sentinels: int,
+                    budget: int, mode_token: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs incl. the mode token, targets) whose decoder layout fits in `budget` tokens."""
+    L = len(tokens)
+    extra = 1 if mode_token else 0
+    if d.mode == "S":
+        L = min(L, budget - extra)
+        n_t = max(1, int(round(L * d.rate)))
+        inputs, targets = tokens[: L - n_t], tokens[L - n_t: L]
+    else:
+        while L > 2 and L + 2 * _n_spans(L, d) + extra > budget:  # sentinels appear once in each half
+            L -= 1
+        mask = random_spans_noise_mask(L, d.rate, d.mean_span, rng)
+        inputs, targets = span_corrupt(tokens[:L], mask, [base + 3 + i for i in range(n_sentinels)])
+    if mode_token:
+        inputs = np.concatenate([[base + MODES.index(d.mode)], inputs])
+    return inputs.astype(np.int64), targets.astype(np.int64)
+
+
+def collate_decoder(examples, pad_id: int) -> dict:
+    """[inputs | targets] rows, right-padded; bidirectional prefix over the inputs; loss on targets only."""
+    seqs = [np.concatenate([i, t]) for i, t in examples]
+    T = max(len(s) for s in seqs)
+    tok = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tok[r, : len(s)] = torch.from_numpy(s)
+    batch = prefix_lm_batch(tok, torch.tensor([len(i) for i, _ in examples]))
+    for r, s in enumerate(seqs):
+        batch["labels"][r, len(s) - 1:] = IGNORE  # padding
+    return batch
+
+
+def collate_encdec(examples, pad_id: int, start_id: int) -> dict:
+    S = max(len(i) for i, _ in examples)
+    T = max(len(t) for _, t in examples)
+    B = len(examples)
+    enc = torch.full((B, S), pad_id, dtype=torch.long)
+    enc_mask = torch.zeros((B, S), dtype=torch.bool)
+    dec = torch.full((B, T), pad_id, dtype=torch.long)
+    lab = torch.full((B, T), IGNORE, dtype=torch.long)
+    for r, (i, t) in enumerate(examples):
+        enc[r, : len(i)], enc_mask[r, : len(i)] = torch.from_numpy(i), True
+        dec[r, 0] = start_id
+        dec[r, 1: len(t)] = torch.from_numpy(t[:-1])
+        lab[r, : len(t)] = torch.from_numpy(t)
+    return {"input_ids": dec, "labels": lab, "encoder_input_ids": enc, "encoder_attn_mask": enc_mask}
+
+
+class DenoisingLoader:
+    """Turns the windows of a token loader into span-corruption / UL2 / prefix-LM batches."""
+
+    def __init__(self, base_loader, objective: str, base_vocab: int, *, encoder_decoder: bool = False,
+                 seed: int = 0, n_sentinels: int = 100, mixture=None, pad_id: int = 0, start_id: int = 0):
+        self.base, self.objective, self.vocab = base_loader, objective, base_vocab
+        self.encdec, self.seed, self.n_sentinels = encoder_decoder, seed, n_sentinels
+        self.pad_id, self.start_id, self.count = pad_id, start_id, 0
+        if objective == "ul2":
+            self.denoisers = list(UL2_DENOISERS)
+            w = np.asarray(mixture if mixture is not None else [1.0] * len(self.denoisers), dtype=np.float64)
+            if len(w) != len(self.denoisers):
+                raise ValueError(f"data.ul2_mixture needs {len(self.denoisers)} weights (R3,R8,S,X3,X8,X64/.15,X64/.5)")
+            self.weights = w / w.sum()
+        elif objective == "span_corruption":
+            self.denoisers, self.weights = [T5_DENOISER], np.ones(1)
+        elif objective != "prefix_lm":
+            raise ValueError(f"DenoisingLoader does not build {objective!r}")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        raw = next(self.base)
+        rng = np.random.default_rng([self.seed, self.count])
+        self.count += 1
+        rows = torch.cat([raw["input_ids"], raw["labels"][:, -1:]], 1).numpy()
+        if self.objective == "prefix_lm":  # prefix length uniform in [1, T): every row keeps >= 1 target
+            p = torch.from_numpy(rng.integers(1, rows.shape[1] - 1, size=rows.shape[0]))
+            return prefix_lm_batch(torch.from_numpy(rows), p)
+        budget = rows.shape[1]
+        examples = []
+        for r in rows:
+            d = self.denoisers[int(rng.choice(len(self.denoisers), p=self.weights))]
+            examples.append(denoise_example(r, d, self.vocab, rng, self.n_sentinels, budget,
+                                            mode_token=self.objective == "ul2"))
+        if self.encdec:
+            return collate_encdec(examples, self.pad_id, self.start_id)
+        return collate_decoder(examples, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state["base"])
+        self.count = int(state["count"])
+
+
+def wrap_objective(objective: str, train, val, mcfg, data: dict, seed: int):
+    """Loaders for a recipe's objective (causal_lm passes through; others wrap the token loaders)."""
+    if objective == "causal_lm":
+        return train, val
+    base = int(data.get("base_vocab") or mcfg.vocab_size - (3 + int(data.get("n_sentinels", 100))))
+    if objective != "prefix_lm" and mcfg.vocab_size < special_vocab(base, int(data.get("n_sentinels", 100))):
+        raise ValueError(f"model.vocab_size={mcfg.vocab_size} has no room for [R]/[S]/[X] and sentinels above "
+                         f"{base}; set model.vocab_size={special_vocab(base, int(data.get('n_sentinels', 100)))}")
+    kw = dict(encoder_decoder=mcfg.arch == "encoder_decoder", n_sentinels=int(data.get("n_sentinels", 100)),
+              mixture=data.get("ul2_mixture"), pad_id=mcfg.pad_token_id or 0,
+              start_id=mcfg.decoder_start_token_id or 0)
+    return (DenoisingLoader(train, objective, base, seed=seed, **kw),
+            DenoisingLoader(val, objective, base, seed=seed + 1, **kw))

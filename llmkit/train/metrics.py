@@ -1,0 +1,137 @@
+"""Observability of a training run (survey §4.3): metrics.jsonl, TensorBoard, W&B, progress bar, FLOPs and MFU.
+
+Implements:
+- `flops_per_token(cfg, seq_len)`: training FLOPs per token, 6*N (weights, forward + backward) plus
+  the attention score/value matmuls 6*L*T*d_attn (Kaplan et al. 2020; the PaLM appendix B count);
+- `measured_peak_flops(dtype, device)`: the machine's own matmul peak, measured once (MFU is
+  reported against what the hardware really does, not a datasheet);
+- `MetricsLogger`: one JSON object per logged step in `RUN_DIR/metrics.jsonl` (`step`, `loss`,
+  `val_loss`, `tokens_per_s`, `lr`, `wall_time`, ...), mirrored to TensorBoard when it is installed
+  and to W&B when installed and asked for; `truncate(step)` drops lines after a resumed step;
+- `Progress`: a tqdm bar with loss, tokens/s, MFU and ETA.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_write_text
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (non-embedding matmul params + LM head) + 6 * L * T * (h * hd)."""
+    n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model  # the head is a matmul
+    attn = cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    if cfg.arch == "encoder_decoder":
+        attn += cfg.n_encoder_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return 6.0 * n + 6.0 * attn
+
+
+@lru_cache(maxsize=None)
+def measured_peak_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul on this machine (the denominator of MFU)."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if device.startswith("cuda"):
+        n = 8192
+    a = torch.randn(n, n, dtype=dt, device=device)
+    b = torch.randn(n, n, dtype=dt, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        sync()
+        dt_s = time.perf_counter() - t0
+        if dt_s > seconds:
+            return 2.0 * n**3 * reps / dt_s
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path | None, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "llmkit", config: dict | None = None, enabled: bool = True):
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.enabled = enabled and self.out_dir is not None
+        self.path = self.out_dir / "metrics.jsonl" if self.enabled else None
+        if self.enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tb = self._tensorboard() if (self.enabled and tensorboard) else None
+        self.wandb = self._wandb(wandb_project, config) if (self.enabled and wandb) else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(log_dir=str(self.out_dir / "tb"))
+
+    def _wandb(self, project: str, config):
+        try:
+            import wandb
+        except ImportError:
+            print("llmkit: wandb is not installed; logging to metrics.jsonl and TensorBoard only", file=sys.stderr)
+            return None
+        return wandb.init(project=project, dir=str(self.out_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        step = rec.get("step", 0)
+        scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, step)
+            if "sample" in rec:
+                self.tb.add_text("samples", str(rec["sample"]), step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def truncate(self, step: int) -> None:
+        """Forget records logged after `step` (they are re-logged after a resume or a roll-back)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+class Progress:
+    """tqdm bar over optimiser steps: loss, tok/s, MFU; tqdm supplies the ETA."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int, **stats) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(n)
+        if stats:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in stats.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

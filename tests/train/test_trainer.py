@@ -1,0 +1,152 @@
+"""Trainer: accumulation == one big batch, clipping, z-loss, precision, activation checkpointing, resume."""
+import json
+
+import pytest
+import torch
+
+from llmkit.train import checkpoint as ckpt
+from llmkit.train.objectives import lm_loss
+from llmkit.train.trainer import Trainer, apply_activation_checkpointing
+from tests.train.conftest import loaders, tiny_model, train_cfg
+
+
+def _params(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_accumulation_equals_one_big_batch():
+    # 4 micro-batches of 2 with a ragged -100 mask == one batch of 8 (token-weighted), after an optimiser step
+    big_loader, _ = loaders(8, 16)
+    batch = next(big_loader)
+    batch["labels"][0, :5] = -100
+    batch["labels"][5, 3:] = -100
+    micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    a, b = tiny_model(), tiny_model()
+    # SGD for the step check: Adam's g/sqrt(v) turns 1e-9 gradient noise on ~0 entries into lr-sized moves
+    ta = Trainer(a, train_cfg(micro_batch_size=2, batch_size=8, seq_len=16, grad_clip=0, optimizer="sgd"), iter(micro))
+    tb = Trainer(b, train_cfg(micro_batch_size=8, seq_len=16, grad_clip=0, optimizer="sgd"), iter([batch]))
+    la, _ = ta.train_step(micro)
+    lb, _ = tb.train_step([batch])
+    assert abs(la - lb) < 1e-6
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=n)
+    ta._apply()
+    tb._apply()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_global_norm_clipping():
+    m = tiny_model()
+    tr, _ = loaders(4, 16)
+    t = Trainer(m, train_cfg(seq_len=16, grad_clip=0.05, lr=10.0), tr)
+    t.train_step([next(tr)])
+    raw = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.parameters())))
+    reported = t._clip()
+    after = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.parameters())))
+    assert raw > 0.05 and reported == pytest.approx(raw, rel=1e-5)
+    assert after == pytest.approx(0.05, rel=1e-4)
+
+
+def test_z_loss_value():
+    m = tiny_model()
+    tr, _ = loaders(4, 16)
+    b = next(tr)
+    loss0, _ = lm_loss(m, b)
+    loss1, met = lm_loss(m, b, z_loss=1e-2)
+    with torch.no_grad():
+        logits = m(b["input_ids"]).float()
+    z = torch.logsumexp(logits, -1)
+    assert float(met["z_loss"]) == pytest.approx(float(1e-2 * z.pow(2).mean()), rel=1e-5)
+    assert float((loss1 - loss0).detach()) == pytest.approx(float(met["z_loss"]), rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu_trains():
+    m = tiny_model()
+    tr, va = loaders(4, 16)
+    out = Trainer(m, train_cfg(seq_len=16, dtype="bf16", max_steps=4), tr, val_data=va).fit()
+    assert torch.isfinite(torch.tensor(out["loss"])) and m.embed.weight.dtype == torch.float32  # fp32 master weights
+
+
+def test_fp16_refuses_cpu():
+    tr, _ = loaders(4, 16)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        Trainer(tiny_model(), train_cfg(dtype="fp16", device="cpu"), tr)
+
+
+def test_grad_scaler_skips_inf_and_halves_scale():
+    # the dynamic loss scaler used for fp16 (F5); its CPU build behaves as on CUDA
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale((w * float("inf")).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w.detach(), torch.ones(4)) and scaler.get_scale() == 512.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_and_bf16_on_cuda():
+    for dtype in ("fp16", "bf16"):
+        tr, _ = loaders(4, 16)
+        out = Trainer(tiny_model(), train_cfg(seq_len=16, dtype=dtype, device="cuda", max_steps=3), tr).fit()
+        assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_activation_checkpointing_same_gradients():
+    a, b = tiny_model(), tiny_model()
+    assert apply_activation_checkpointing(b) == 2
+    tr, _ = loaders(4, 16)
+    batch = next(tr)
+    lm_loss(a, batch)[0].backward()
+    lm_loss(b, batch)[0].backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+
+
+def test_resume_in_process_is_bitwise(tmp_path):
+    cfg = train_cfg(max_steps=8, ckpt_every=4, keep_last=2, seq_len=16)
+    tr, _ = loaders(4, 16)
+    full = Trainer(tiny_model(), cfg, tr, out_dir=tmp_path / "a")
+    full.fit()
+    ref = [r["loss"] for r in map(json.loads, (tmp_path / "a/metrics.jsonl").read_text().splitlines())]
+    # run to step 4 only (its checkpoint), then a fresh process-like trainer resumes to 8
+    tr, _ = loaders(4, 16)
+    Trainer(tiny_model(), train_cfg(max_steps=8, ckpt_every=4, seq_len=16), tr, out_dir=tmp_path / "b").fit()
+    for p in ckpt.list_checkpoints(tmp_path / "b/checkpoints"):
+        if p.name != ckpt.ckpt_name(4):
+            import shutil
+            shutil.rmtree(p)
+    lines = (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+    torch.manual_seed(123)  # a different global RNG: resume must restore it
+    tr, _ = loaders(4, 16, seed=0)
+    Trainer(tiny_model(seed=5), cfg, tr, out_dir=tmp_path / "b").fit(resume=True)
+    got = [r["loss"] for r in map(json.loads, (tmp_path / "b/metrics.jsonl").read_text().splitlines())]
+    assert len(lines) == 8 and got == ref
+
+
+def test_checkpoint_layout_atomic_and_keep_last(tmp_path):
+    tr, _ = loaders(4, 16)
+    t = Trainer(tiny_model(), train_cfg(max_steps=6, ckpt_every=2, keep_last=2, seq_len=16), tr, out_dir=tmp_path)
+    t.fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == [ckpt.ckpt_name(4), ckpt.ckpt_name(6)]
+    last = tmp_path / "checkpoints" / ckpt.ckpt_name(6)
+    for f in ("config.json", "model.safetensors", "manifest.json", "optimizer.safetensors", "rng.safetensors",
+              "trainer_state.json"):
+        assert (last / f).exists(), f
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    # a damaged newest checkpoint is skipped in favour of the previous one
+    with open(last / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == ckpt.ckpt_name(4)
+
+
+def test_trainable_subset_leaves_others_frozen():
+    m = tiny_model()
+    before = _params(m)
+    tr, _ = loaders(4, 16)
+    Trainer(m, train_cfg(max_steps=2, seq_len=16), tr, params=[m.layers[0].mlp.up.weight]).fit()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {"layers.0.mlp.up.weight"}
