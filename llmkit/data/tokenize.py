@@ -147,14 +147,14 @@ def tokenize_to_dir(inputs: Iterable[str | Path] | None, tokenizer, out_dir: str
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     tok, eos_id, vocab = _load_tokenizer(tokenizer)
-    tok.save(d / "tokenizer")  # the tokens dir carries its tokenizer: decoding never needs the source path
-    tok_json = str(d / "tokenizer" / "tokenizer.json")
     dtype = dtype_for_vocab(vocab)
     inputs = [str(p) for p in (inputs or [])]
     settings = {"inputs": inputs, "texts": None if texts is None else "in-memory", "shard_bytes": shard_bytes,
                 "separator": separator, "eos_id": eos_id, "dtype": dtype.name, "vocab_size": vocab,
-                "tokenizer_sha256": hashlib.sha256(Path(tok_json).read_bytes()).hexdigest()}
-    _check_settings(d, settings)
+                "tokenizer_sha256": hashlib.sha256(tok.tok.to_str().encode()).hexdigest()}
+    _check_settings(d, settings)  # before anything is written: a refused resume leaves the directory as it was
+    tok.save(d / "tokenizer")  # the tokens dir carries its tokenizer: decoding never needs the source path
+    tok_json = str(d / "tokenizer" / "tokenizer.json")
     docs = iter_documents(inputs, separator) if inputs else iter(())
     if texts is not None:
         docs = _chain(docs, texts)

@@ -116,6 +116,11 @@ def test_resume_refuses_changed_settings(stories, tok_dir, tmp_path):
     tokenize_to_dir(None, tok_dir, tmp_path, texts=docs[:20])
     with pytest.raises(ValueError, match="shard_bytes"):
         tokenize_to_dir(None, tok_dir, tmp_path, texts=docs[:20], shard_bytes=1000)
+    other = train_tokenizer(docs[:100], tmp_path.parent / "other_tok", 400, "bpe")
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        tokenize_to_dir(None, other, tmp_path, texts=docs[:20])
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
 
 
 def test_uint32_for_large_vocabularies(tmp_path, tok_dir):
