@@ -15,51 +15,12 @@ import pytest
 import zstandard
 
 from llmkit.artifacts import verify_manifest
-from llmkit.data.pipeline import load_config
 from llmkit.data.runner import clean
 from llmkit.data.tagfilter import refilter_dir
 
+from _clean_helpers import CFG, data_bytes, read_out
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def read_out(out: Path) -> list[dict]:
-    recs = []
-    for p in sorted((out / "data").glob("*.jsonl.zst")):
-        recs += [json.loads(x) for x in zstandard.decompress(p.read_bytes()).decode().splitlines()]
-    return recs
-
-
-def data_bytes(out: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted((out / "data").glob("*.jsonl.zst"))}
-
-
-@pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = (shared_data / "tinystories" / "tinystories_val.txt").read_text()
-    stories = [s.strip() for s in text.split("<|endoftext|>") if len(s.split()) > 120][:160]
-    wiki = (shared_data / "wikitext-2" / "raw" / "wiki.test.raw").read_text().replace("\r\n", "\n")
-    paras = [p.strip() for p in wiki.split("\n") if len(p.split()) > 80][:100]
-    recs = [{"id": f"ts{i}", "text": s, "src_url": f"http://ts/{i}"} for i, s in enumerate(stories[:150])]
-    recs += [{"id": f"wk{i}", "text": p} for i, p in enumerate(paras)]
-    recs += [{"id": f"copy{i}", "text": stories[i]} for i in range(10)]                       # exact copies
-    recs += [{"id": f"near{i}", "text": stories[20 + i].replace(".", "!", 1) + " The end."} for i in range(10)]
-    recs.insert(5, {"id": "pii", "text": stories[155] + " Email me at jane.roe@mail.com or call +44 20 7946 0958."})
-    lines = [json.dumps(r) for r in recs]
-    lines[30:30] = ["{broken json", "", json.dumps({"id": "notext", "body": "x"})]
-    path = d / "corpus.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-CFG = {**load_config(None), "docs_per_shard": 40}
-
-
-@pytest.fixture(scope="module")
-def reference_run(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "out"
-    stats = clean([str(corpus)], out, CFG, workers=1)
-    return out, stats
 
 
 def test_end_to_end_default_pipeline(reference_run):
