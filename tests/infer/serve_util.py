@@ -93,3 +93,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_to_call(tok: Tokenizer, messages: list[dict], tools: list[dict], reply: str, seed: int = 1) -> Transformer:
+    """A tiny model trained (a few seconds) until its greedy reply to `messages` + `tools` is `reply`:
+    real generation and real parsing downstream, with a known right answer."""
+    from llmkit.infer.tools_call import render_chat
+
+    m = tiny_model(tok, seed=seed).train()
+    prompt = tok.encode(render_chat(tok, messages, tools))
+    ids = torch.tensor([prompt + tok.encode(reply) + [tok.eos_token_id]])
+    labels = ids[0, len(prompt):]
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(300):
+        logits = m(ids[:, :-1])[0, len(prompt) - 1:]
+        if (logits.argmax(-1) == labels).all():
+            break
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()

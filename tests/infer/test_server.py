@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmkit.infer.tools_call import render_chat
-from serve_util import one_torch_thread, running_server, tiny_model, tiny_tokenizer  # noqa: F401
+from serve_util import one_torch_thread, running_server, tiny_model, tiny_tokenizer, train_to_call  # noqa: F401
 
 MSG = [{"role": "user", "content": "Hello, how are you today?"}]
 
@@ -104,22 +104,7 @@ CALL = '<tool_call>[{"name": "add", "arguments": {"a": 2, "b": 3}}]</tool_call>'
 @pytest.fixture(scope="module")
 def tool_server(tok):
     """A tiny model trained for a few seconds to answer the tool prompt with a call: real generation, real parsing."""
-    torch.manual_seed(0)
-    m = tiny_model(tok, seed=1).train()
-    prompt = tok.encode(render_chat(tok, ASK, TOOLS))
-    target = tok.encode(CALL) + [tok.eos_token_id]
-    ids = torch.tensor([prompt + target])
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    labels = ids[0, len(prompt):]
-    for _ in range(300):
-        logits = m(ids[:, :-1])[0, len(prompt) - 1:]
-        if (logits.argmax(-1) == labels).all():  # greedy decoding now writes the call, with margin below
-            break
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    m = train_to_call(tok, ASK, TOOLS, CALL)
     with running_server(m, tok, "tiny-tools") as (url, app):
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
