@@ -75,8 +75,9 @@ def clean_main(argv: list[str]) -> int:
 def funnel_text(stats: dict) -> str:
     lines = [f"{'stage':<22}{'in':>9}{'out':>9}  removed"]
     for name, s in stats.items():
-        reasons = ", ".join(f"{r}={n}" for r, n in sorted(s["removed"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"{name:<22}{s['in']:>9}{s['out']:>9}  {reasons}")
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(s["removed"].items(), key=lambda kv: -kv[1])[:6])
+        edits = ", ".join(f"{r}={n}" for r, n in s.get("counters", {}).items())
+        lines.append(f"{name:<22}{s['in']:>9}{s['out']:>9}  {reasons}" + (f"  [edits: {edits}]" if edits else ""))
     return "\n".join(lines)
 
 
