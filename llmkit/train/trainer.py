@@ -305,6 +305,8 @@ class Trainer:
             rec["sample"] = sample_text(self.raw_model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
                                         seed=self.cfg.seed + self.step, device=self.device)
         self.logger.log(rec)
+        if "sample" in rec:
+            print(f"\n[step {self.step}] val_loss {val:.4f} sample:\n{rec['sample']}\n", flush=True)
         return val
 
     def mfu(self, tokens_per_s: float) -> float:
