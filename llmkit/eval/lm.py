@@ -200,7 +200,9 @@ class LlmkitLM(TokenLM):
         padded = not bool(valid.all())
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         cache = m.new_cache(len(ctxs), L + C)
-        last = m(ids, positions=pos, attn_mask=valid if padded else None, cache=cache)[:, -1]  # [G, V]
+        # only the last context position needs vocabulary logits: project that one hidden state
+        hidden = m(ids, positions=pos, attn_mask=valid if padded else None, cache=cache, return_hidden=True)
+        last = m.project(hidden[:, -1])  # [G, V]
         cache.reorder(owner)
         conts = torch.zeros(len(members), C, dtype=torch.long, device=dev)
         for r, i in enumerate(members):
@@ -230,7 +232,8 @@ class LlmkitLM(TokenLM):
         padded = not bool(valid.all())
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         cache = m.new_cache(B, L + max_new_tokens)
-        logits = m(ids, positions=pos, attn_mask=valid if padded else None, cache=cache)[:, -1]
+        hidden = m(ids, positions=pos, attn_mask=valid if padded else None, cache=cache, return_hidden=True)
+        logits = m.project(hidden[:, -1])
         nxt = valid.sum(1)
         gen = torch.Generator(device=dev).manual_seed(seed)
         out: list[list[int]] = [[] for _ in range(B)]
