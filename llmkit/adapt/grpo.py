@@ -62,22 +62,35 @@ class GRPORollouts:
         self.eos_id, self.pad_id, self.prompts_per_step, self.group = eos_id, pad_id, prompts_per_step, group
         self.max_new_tokens, self.temperature, self.iterations = max_new_tokens, temperature, iterations
         self.beta, self.scale = beta, scale
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.calls = seed, 0
+        self.rng, self.gen = random.Random(seed), torch.Generator(device="cpu")
         self.stats: dict = {}
 
     @staticmethod
     def _ids(p) -> list[int]:
         return p["prompt_ids"] if isinstance(p, dict) else p
 
+    def state_dict(self) -> dict:
+        """Rollouts are re-seeded per call, so a resumed run draws the same prompts and samples."""
+        return {"calls": self.calls}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.calls = s["calls"]
+
+    def _reseed(self) -> None:
+        self.rng = random.Random(self.seed * 1_000_003 + self.calls)
+        self.gen.manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+
     @torch.no_grad()
     def make_batch(self) -> dict:
+        self._reseed()
         chosen = [self.rng.choice(self.prompts) for _ in range(self.prompts_per_step)]
         items = [p for p in chosen for _ in range(self.group)]
         r = sample(self.model, [self._ids(p) for p in items], self.max_new_tokens, self.eos_id, self.pad_id,
                    self.temperature, generator=self.gen)
         rewards = torch.as_tensor(self.reward_fn(items, r.completions()), dtype=torch.float32)
-        batch = {"rollout": r, "advantages": group_advantages(rewards, self.group, self.scale)}
+        batch = {**r.to_batch(), "advantages": group_advantages(rewards, self.group, self.scale)}
         if self.iterations > 1:  # several updates per rollout need the sampling policy's log-probs
             batch["old_logps"] = completion_logps(self.model, r)
         if self.beta:
@@ -99,7 +112,7 @@ class GRPOObjective:
         self.beta, self.eps_low, self.eps_high, self.loss_type = beta, eps_low, eps_high, loss_type
 
     def __call__(self, model, batch):
-        r: Rollout = batch["rollout"]
+        r = Rollout.from_batch(batch)
         logps = completion_logps(model, r)
         old = batch.get("old_logps", logps.detach())
         ref = batch.get("ref_logps", logps.detach())

@@ -118,7 +118,7 @@ def reference_logps(policy, ref_model, r: Rollout) -> torch.Tensor:
 
 class PPORollouts:
     """Infinite iterable of PPO minibatches; `score_fn(prompts, completions) -> tensor [B]` is a reward model or a
-    verifiable reward. `prompts` is a list of token-id lists; `stats` keeps the last rollout's figures."""
+    verifiable reward. `prompts` are token-id lists or dicts with prompt_ids (passed to score_fn whole); `stats` keeps the last rollout's figures."""
 
     def __init__(self, model: ActorCritic, prompts: list[list[int]], score_fn, ref_model=None, *, eos_id, pad_id=0,
                  rollout_batch: int = 16, mini_batch: int = 8, ppo_epochs: int = 2, max_new_tokens: int = 16,
@@ -130,25 +130,39 @@ class PPORollouts:
         self.max_new_tokens, self.gamma, self.lam, self.temperature = max_new_tokens, gamma, lam, temperature
         self.kl = AdaptiveKL(kl_coef, kl_target)
         self.ptx = iter(ptx_batches) if ptx_batches is not None else None
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed, self.calls = seed, 0
+        self.rng, self.gen = random.Random(seed), torch.Generator(device="cpu")
         self.stats: dict = {}
+
+    def state_dict(self) -> dict:
+        """Rollouts are re-seeded per call, so a resumed run draws the same prompts and samples."""
+        return {"calls": self.calls}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.calls = s["calls"]
+
+    def _reseed(self) -> None:
+        self.rng = random.Random(self.seed * 1_000_003 + self.calls)
+        self.gen.manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
 
     @torch.no_grad()
     def make_batch(self) -> dict:
-        prompts = [self.rng.choice(self.prompts) for _ in range(self.rollout_batch)]
+        self._reseed()
+        items = [self.rng.choice(self.prompts) for _ in range(self.rollout_batch)]
+        prompts = [p["prompt_ids"] if isinstance(p, dict) else p for p in items]
         r = sample(self.model.policy, prompts, self.max_new_tokens, self.eos_id, self.pad_id, self.temperature,
                    generator=self.gen)
         logps, values = self.model.logps_values(r)
         ref = reference_logps(self.model.policy, self.ref, r)
-        scores = torch.as_tensor(self.score_fn(prompts, r.completions()), dtype=torch.float32)
+        scores = torch.as_tensor(self.score_fn(items, r.completions()), dtype=torch.float32)
         mask = r.completion_mask.float()
         rewards = kl_rewards(scores, logps, ref, mask, self.kl.beta)
         adv, ret = gae(rewards, values, mask, self.gamma, self.lam)
         kl = masked_mean(logps - ref, mask, 1).mean().item() * 1.0
         self.stats = {"score": scores.mean().item(), "kl": kl, "kl_coef": self.kl.beta, "resp_len": mask.sum(1).mean().item()}
         self.kl.update(kl, len(prompts))
-        return {"rollout": r, "old_logps": logps, "old_values": values, "advantages": whiten(adv, mask),
+        return {**r.to_batch(), "old_logps": logps, "old_values": values, "advantages": whiten(adv, mask),
                 "returns": ret, "mask": mask}
 
     def __iter__(self):
@@ -157,14 +171,12 @@ class PPORollouts:
             n = full["mask"].shape[0]
             for _ in range(self.ppo_epochs):
                 order = torch.randperm(n, generator=self.gen)
-                for i in range(0, n, self.mini_batch):
+                for i in range(0, n - self.mini_batch + 1, self.mini_batch):
                     yield self._slice(full, order[i: i + self.mini_batch])
 
     def _slice(self, full: dict, idx: torch.Tensor) -> dict:
-        r = full["rollout"]
-        sub = Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx])
-        out = {k: v[idx] for k, v in full.items() if k != "rollout"}
-        out.update(rollout=sub, stats=dict(self.stats))
+        out = {k: v[idx] for k, v in full.items()}
+        out["stats"] = dict(self.stats)
         if self.ptx is not None:
             out["ptx"] = next(self.ptx)
         return out
@@ -175,7 +187,7 @@ class PPOObjective:
         self.clip, self.vf_coef, self.clip_value, self.ptx_coef = clip, vf_coef, clip_value, ptx_coef
 
     def __call__(self, model: ActorCritic, batch):
-        logps, values = model.logps_values(batch["rollout"])
+        logps, values = model.logps_values(Rollout.from_batch(batch))
         m = batch["mask"]
         pg, clipfrac = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], m, self.clip)
         vf = clipped_value_loss(values, batch["old_values"], batch["returns"], m, self.clip_value)

@@ -29,6 +29,15 @@ class Rollout:
     def completions(self) -> list[list[int]]:
         return [row[m.bool()].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
 
+    def to_batch(self) -> dict:
+        """Flat tensors for the trainer (input_ids = prompt + completion, which it counts as tokens)."""
+        return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask, "completion_ids": self.completion_ids,
+                "completion_mask": self.completion_mask, "input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1)}
+
+    @classmethod
+    def from_batch(cls, b: dict) -> "Rollout":
+        return cls(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     P = max(len(p) for p in prompts)

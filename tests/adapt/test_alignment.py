@@ -167,7 +167,7 @@ def test_grpo_and_ppo_policy_loss_match_trl(loss_type, beta, per_token_adv):
               "ref_per_token_logps": ref}
     expected = trainer._compute_loss(hf, inputs)
     if beta:
-        loss, _ = grpo.GRPOObjective(beta=beta, loss_type=loss_type)(ours, {"rollout": r, "advantages": adv,
+        loss, _ = grpo.GRPOObjective(beta=beta, loss_type=loss_type)(ours, {**r.to_batch(), "advantages": adv,
                                                                             "old_logps": old, "ref_logps": ref})
     else:
         loss, clipfrac = ppo.clipped_policy_loss(completion_logps(ours, r), old, adv, r.completion_mask.float(), 0.2)
