@@ -14,8 +14,9 @@ Implements:
   powers of two; the time axis is compacted (shifted left) when its oldest slots are no one's any more
   and doubled only when compaction cannot make room.
 
-Not covered: paged (block-table) KV memory and prefix sharing between requests; a prompt is prefilled
-alone (batch 1) when it joins, which keeps every row bit-for-bit independent of its neighbours.
+Prompts that arrive together are prefilled together (left-padded groups of similar length, at most
+`PREFILL_TOKENS` tokens per forward). Not covered: paged (block-table) KV memory, prefix sharing between
+requests, and chunked prefill (a long prompt's prefill pauses the running rows for its duration).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from llmkit.model.attention import KVCache
 
 from .sampling import GenerationConfig, make_generator, sample_next
 
+# tokens in one prefill forward (rows x longest prompt): bounds the [rows, heads, P, P] attention scores
+# of a padded group; vLLM's max_num_batched_tokens plays the same role (its default is 2048 too)
+PREFILL_TOKENS = 2048
 Emit = Callable[[int | None, str | None], None]  # (token id or None, finish reason or None)
 
 
@@ -76,7 +80,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.stats = dict(steps=0, batched_steps=0, row_steps=0, max_rows=0, prefills=0, prompt_tokens=0,
+        self.stats = dict(steps=0, batched_steps=0, row_steps=0, max_rows=0, prefills=0, prefill_forwards=0, prompt_tokens=0,
                           generated_tokens=0, finished=0, cancelled=0, errors=0)
 
     # ------------------------------------------------------------------ public API
@@ -122,8 +126,7 @@ class Batcher:
                     joiners.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
-                    for req in joiners:
-                        self._admit(req)
+                    self._admit_all(joiners)
                     self._drop_cancelled()
                     if self.running:
                         self._decode_step()
@@ -154,27 +157,54 @@ class Batcher:
         return "length" if req.generated >= req.params.max_new_tokens else None
 
     # ------------------------------------------------------------------ admission (prefill)
-    def _admit(self, req: Request) -> None:
-        if req.cancelled:
-            return self._finish(req, "cancelled")
-        ids = torch.tensor([req.prompt_ids], device=self.model.device)
-        P = ids.shape[1]
-        pre = self.model.new_cache(1, P)
-        logits = self.model(ids, cache=pre)[:, -1]
-        self.stats["prefills"] += 1
-        self.stats["prompt_tokens"] += P
-        tok = int(sample_next(logits, req.params, [req.generator])[0])
-        reason = self._emit_token(req, tok)
-        if reason is None and P + req.generated >= self.max_context:
-            reason = "length"
-        if reason is not None:
-            return self._finish(req, reason)
-        slot = self._free_slot()
-        L = self._make_room_for_prompt(P)
-        for layer in range(len(pre.k)):
-            self.cache.k[layer][slot, :, L - P:L] = pre.k[layer][0]
-            self.cache.v[layer][slot, :, L - P:L] = pre.v[layer][0]
-        self.rows[slot] = _Row(req, start=L - P, pos=P, next_token=tok)
+    def _admit_all(self, joiners: list[Request]) -> None:
+        """Prefill joiners in groups of similar length (left-padded, one forward per group)."""
+        live = []
+        for req in joiners:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+            else:
+                live.append(req)
+        live.sort(key=lambda r: len(r.prompt_ids))
+        group: list[Request] = []
+        for req in live:
+            if group and (len(group) + 1) * len(req.prompt_ids) > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        dev = self.model.device
+        lens = [len(r.prompt_ids) for r in reqs]
+        J, P = len(reqs), max(lens)
+        ids = torch.zeros(J, P, dtype=torch.long)
+        valid = torch.zeros(J, P, dtype=torch.bool)
+        for j, r in enumerate(reqs):  # left padding: every prompt ends at slot P-1
+            ids[j, P - lens[j]:] = torch.tensor(r.prompt_ids)
+            valid[j, P - lens[j]:] = True
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        pre = self.model.new_cache(J, P)
+        mask = None if all(n == P for n in lens) else valid.to(dev)
+        logits = self.model(ids.to(dev), positions=pos.to(dev), attn_mask=mask, cache=pre)[:, -1]
+        self.stats["prefills"] += J
+        self.stats["prefill_forwards"] += 1
+        self.stats["prompt_tokens"] += sum(lens)
+        toks = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        for j, (req, tok) in enumerate(zip(reqs, toks)):
+            reason = self._emit_token(req, tok)
+            if reason is None and lens[j] + req.generated >= self.max_context:
+                reason = "length"
+            if reason is not None:
+                self._finish(req, reason)
+                continue
+            slot = self._free_slot()
+            L = self._make_room_for_prompt(lens[j])
+            for layer in range(len(pre.k)):
+                self.cache.k[layer][slot, :, L - lens[j]:L] = pre.k[layer][j, :, P - lens[j]:]
+                self.cache.v[layer][slot, :, L - lens[j]:L] = pre.v[layer][j, :, P - lens[j]:]
+            self.rows[slot] = _Row(req, start=L - lens[j], pos=lens[j], next_token=tok)
 
     def _free_slot(self) -> int:
         for i, r in enumerate(self.rows):

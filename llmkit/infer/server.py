@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-n", type=int, default=Limits.max_n)
     p.add_argument("--served-name", default=None, help="model id clients must send (default: from MODEL)")
     p.add_argument("--python-tool", action="store_true", help="offer the sandboxed Python tool on the chat page")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype; bfloat16 halves weight traffic and uses AMX/AVX512-BF16 CPUs' matmul units")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     a = p.parse_args(argv)
     import os
 
@@ -362,7 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     key = a.api_key or os.environ.get("LLMKIT_API_KEY")
     if a.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(f"llmkit serve: warning: binding {a.host} without --api-key exposes the model to the network")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     model, tok = llmkit.load(a.model)
+    if a.dtype == "bfloat16":
+        import torch
+
+        model = model.to(torch.bfloat16)
     name = a.served_name or Path(str(a.model).rstrip("/")).name.removesuffix(".gguf")
     limits = Limits(a.max_prompt_tokens, a.max_tokens, a.max_n, a.max_concurrent)
     app = create_app(model, tok, name, api_key=key, limits=limits, max_batch=a.max_batch, python_tool=a.python_tool)

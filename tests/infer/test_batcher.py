@@ -161,3 +161,27 @@ def test_cache_compaction_and_growth_keep_results_exact():
         b.stop()
     for (prompt, cfg), (toks, _) in zip(jobs, outs):
         assert toks == reference_greedy(m, prompt, cfg.max_new_tokens)
+
+
+def test_prompts_arriving_together_are_prefilled_together_and_exact():
+    m = make_model()
+    jobs = random_jobs(12, seed=4, max_new=(1, 20))
+    b = Batcher(m, max_batch=16)
+    outs = [[[], None] for _ in jobs]
+    done = threading.Semaphore(0)
+    for i, (p, cfg) in enumerate(jobs):
+        def emit(tok, reason, i=i):
+            if tok is not None:
+                outs[i][0].append(tok)
+            if reason is not None:
+                done.release()
+        b.submit(Request(p, cfg, emit))  # queued before the loop starts: all join in one admission round
+    b.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        b.stop()
+    for (prompt, cfg), (toks, _) in zip(jobs, outs):
+        assert toks == reference_greedy(m, prompt, cfg.max_new_tokens)
+    assert b.stats["prefills"] == 12 and b.stats["prefill_forwards"] == 1 and b.stats["steps"] < sum(c.max_new_tokens for _, c in jobs) / 2
