@@ -22,6 +22,9 @@ import regex
 # per-language tokenizers of datatrove PR #147 do for zh/ja/th).
 _NOSPACE = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
 WORD_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+(?:['’][^\s{_NOSPACE}\p{{P}}\p{{S}}]+)*")
+# Word tokens plus punctuation/symbol tokens ("..." kept whole), as word tokenizers emit them (spaCy/nltk);
+# contractions split like spaCy's ("i'll" -> "i", "'ll"), so alphabetic-token ratios agree with datatrove's
+TOKEN_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+|['’]\p{{L}}+|\.{{2,}}|…|[\p{{P}}\p{{S}}]+")
 # A sentence ends at . ! ? (and their CJK forms) followed by space or end; keeps the terminator.
 SENT_RE = regex.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+['\"”’)\]]*|$)")
 _PUNCT_RE = regex.compile(r"[\p{P}\p{S}]+")
@@ -71,9 +74,19 @@ class Rejected:
         return {"reason": self.reason, "where": self.where, "detail": self.detail, "raw": self.raw[:2000]}
 
 
+_LAST_SPLIT: list = [None, []]  # consecutive filters split the same text: remember the last one
+
+
 def split_words(text: str) -> list[str]:
     """Words of any language: letter/digit runs (apostrophes inside), single chars for CJK/Thai."""
-    return WORD_RE.findall(text)
+    if _LAST_SPLIT[0] is not text:
+        _LAST_SPLIT[0], _LAST_SPLIT[1] = text, WORD_RE.findall(text)
+    return list(_LAST_SPLIT[1])
+
+
+def split_tokens(text: str) -> list[str]:
+    """Words and punctuation/symbol tokens: the denominators Gopher's ratios use."""
+    return TOKEN_RE.findall(text)
 
 
 def split_sentences(text: str) -> list[str]:

@@ -13,17 +13,18 @@ MassiveText paper's for Gopher and the TFDS/datatrove C4 code):
 - `C4Paragraph`: >= 3 paragraphs whose 3 longest have >= 200 chars;
 - `FineWebQuality`: terminal-punctuation line ratio >= 0.12, short-line ratio <= 0.67,
   duplicate-line chars <= 1%, newline/word ratio <= 0.3.
-Word splitting is the language-aware `split_words`. One deliberate difference from datatrove:
-ratios use words without pure-punctuation tokens as the denominator (datatrove counts nltk/spaCy
-punctuation tokens too), so a borderline document can land on the other side.
+Word splitting is the language-aware `split_words` (letters/digits; CJK per character); as in datatrove,
+word counts and mean length use words without pure-punctuation tokens while the symbol and alphabetic
+ratios use all tokens, punctuation included (`split_tokens`, a regex stand-in for spaCy/nltk).
 """
 from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import regex
 
-from .document import Document, split_sentences, split_words
+from .document import Document, split_sentences, split_tokens, split_words
 from .stage import Stage
 
 STOP_WORDS = {  # Gopher's 8 English stop words; others are the same function words in each language
@@ -63,18 +64,19 @@ class GopherQuality(Stage):
 
     def measure(self, doc):
         text = doc.text
-        words = split_words(text)
-        n = max(len(words), 1)
+        words = split_words(text)  # "non-symbol words": counts and mean length
+        tokens = split_tokens(text)  # all tokens, punctuation included: the ratios' denominator (as datatrove)
+        n, nt = max(len(words), 1), max(len(tokens), 1)
         lines = text.splitlines() or [""]
         stops = self.stop_words.get(_lang(doc))
         return {
             "n_words": len(words),
             "mean_word_len": sum(map(len, words)) / n,
-            "hash_ratio": text.count("#") / n,
-            "ellipsis_ratio": (text.count("...") + text.count("…")) / n,
+            "hash_ratio": text.count("#") / nt,
+            "ellipsis_ratio": (text.count("...") + text.count("…")) / nt,
             "bullet_lines": sum(ln.lstrip().startswith(("•", "-", "*")) for ln in lines) / len(lines),
             "ellipsis_lines": sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines),
-            "alpha_words": sum(any(c.isalpha() for c in w) for w in words) / n,
+            "alpha_words": sum(1 for w in tokens if w.isalpha() or any(c.isalpha() for c in w)) / nt,
             "stop_words": -1 if stops is None else sum(w.lower() in stops for w in words),
         }
 
@@ -115,30 +117,42 @@ def _dup_stats(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _ngram_keys(words: list[str], n: int) -> list[tuple]:
-    return list(zip(*(words[i:] for i in range(n))))
+_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Chars of the most frequent n-gram times its count (n-gram joined with spaces, as datatrove)."""
-    counts: dict[tuple, int] = {}
-    for g in _ngram_keys(words, n):
-        counts[g] = counts.get(g, 0) + 1
-    if not counts:
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """64-bit key of every word n-gram (ids are per-document word ids; collisions ~2^-64)."""
+    m = len(ids) - n + 1
+    if m <= 0:
+        return np.zeros(0, np.uint64)
+    h = np.zeros(m, np.uint64)
+    for j in range(n):
+        h = h * _MULT + ids[j: j + m]
+    return h
+
+
+def _top_ngram_chars(keys: np.ndarray, n: int, cum: np.ndarray) -> int:
+    """Chars of the most frequent n-gram (joined with spaces) times its count; ties go to the
+    earliest n-gram, as `Counter.most_common` in datatrove."""
+    if len(keys) == 0:
         return 0
-    g, c = max(counts.items(), key=lambda kv: kv[1])
-    return (sum(map(len, g)) + n - 1) * c
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    best = counts.max()
+    i = int(first[counts == best].min())
+    return int(cum[i + n] - cum[i] + n - 1) * int(best)
 
 
-def _dup_ngram_chars(words: list[str], n: int, lens: list[int]) -> int:
+def _dup_ngram_chars(keys: np.ndarray, n: int, cum: np.ndarray) -> int:
     """Chars in duplicated n-grams, non-overlapping scan (datatrove `find_all_duplicate`)."""
-    seen: set[tuple] = set()
-    grams = _ngram_keys(words, n)
+    if len(keys) == 0 or len(np.unique(keys)) == len(keys):
+        return 0  # fast path: no n-gram repeats at all (most documents)
+    seen: set[int] = set()
     chars = i = 0
-    while i < len(grams):
-        g = grams[i]
+    klist, m = keys.tolist(), len(keys)
+    while i < m:
+        g = klist[i]
         if g in seen:
-            chars += lens[i + n] - lens[i]
+            chars += int(cum[i + n] - cum[i])
             i += n
         else:
             seen.add(g)
@@ -170,13 +184,13 @@ class GopherRepetition(Stage):
         s = {"dup_para_frac": pn / max(len(paras), 1), "dup_para_char_frac": pc / total,
              "dup_line_frac": ln / max(len(lines), 1), "dup_line_char_frac": lc / total}
         words = split_words(text)
-        lens = [0]
-        for w in words:
-            lens.append(lens[-1] + len(w))
+        vocab: dict[str, int] = {}
+        ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in words], np.uint64)
+        cum = np.concatenate([[0], np.cumsum([len(w) for w in words], dtype=np.int64)])
         for n in self.top_ngrams:
-            s[f"top_{n}gram"] = _top_ngram_chars(words, n) / total
+            s[f"top_{n}gram"] = _top_ngram_chars(_ngram_hashes(ids, n), n, cum) / total
         for n in self.dup_ngrams:
-            s[f"dup_{n}gram"] = _dup_ngram_chars(words, n, lens) / total
+            s[f"dup_{n}gram"] = _dup_ngram_chars(_ngram_hashes(ids, n), n, cum) / total
         return s
 
     def judge(self, s):
