@@ -2,6 +2,7 @@
 characters span several tokens, so UTF-8 safety of streaming is exercised)."""
 from __future__ import annotations
 
+import pytest
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -31,6 +32,16 @@ ARCHS = {
     "parallel": dict(parallel_block=True),
     "moe": dict(n_experts=4, moe_top_k=2),
 }
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP barrier
+    waiting for a descheduled thread makes every op 10-20x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_model(arch: str = "llama_gqa", seed: int = 0, **kw) -> Transformer:

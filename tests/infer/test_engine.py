@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_util import ARCHS, greedy_uncached, tiny_model, tiny_tokenizer
+from engine_util import single_thread, ARCHS, greedy_uncached, tiny_model, tiny_tokenizer  # noqa: F401 (autouse fixture)
 
 from llmkit.infer.engine import TextStream, decode_tokens, generate, sequence_logprob
 from llmkit.infer.sampling import GenerationConfig
