@@ -25,7 +25,7 @@ from . import LoadError
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's token types (llama.h: LLAMA_TOKEN_TYPE_*)
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
 ARCHS = ("llama", "qwen2")
 
 # pre-tokenizer splits for `tokenizer.ggml.pre`, as in transformers' gguf_tokenizer_mapping.py (llama.cpp's regexes)
@@ -219,8 +219,8 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], add_prefix_space:
         local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    unk = "<unk>" if "<unk>" in vocab else None
-    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # no unk_token on the model, as transformers' LlamaTokenizer: byte fallback spells anything unknown
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     raw.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
@@ -291,14 +291,17 @@ def _check_llama_like(cfg: ModelConfig) -> None:
 
 
 def _write_tokenizer(w, tok: Tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE tokenizers only (llama.cpp's 'gpt2' model): tokens, types, merges, special ids, template."""
+    """Tokens, types, special ids and template; byte-level BPE as llama.cpp's 'gpt2' model (with merges), SentencePiece-style
+    BPE (Metaspace + byte fallback) as its 'llama' model (scores = -id, so that merges recovered from the scores follow
+    the vocabulary's creation order, as in SPM-BPE vocabularies)."""
     import json
 
     spec = json.loads(tok.tok.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
-                         f"{model.get('type')} with pre-tokenizer {spec.get('pre_tokenizer', {}).get('type')}")
+    model, pre = spec["model"], json.dumps(spec.get("pre_tokenizer"))
+    spm = model.get("type") == "BPE" and model.get("byte_fallback") and "Metaspace" in pre
+    if model.get("type") != "BPE" or not (spm or "ByteLevel" in pre):
+        raise ValueError("GGUF export writes byte-level BPE (GPT-2 style) or SentencePiece-style BPE tokenizers; this one is "
+                         f"{model.get('type')} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}")
     vocab = tok.tok.get_vocab(with_added_tokens=True)
     tokens = [f"[PAD{i}]" for i in range(max(vocab_size, len(vocab)))]
     types = [TOKEN_USER_DEFINED] * len(tokens)  # llama.cpp marks padding rows as user-defined
@@ -306,12 +309,21 @@ def _write_tokenizer(w, tok: Tokenizer, vocab_size: int) -> None:
         tokens[i], types[i] = t, TOKEN_NORMAL
     for added in spec.get("added_tokens", []):
         types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    if spm:
+        for i, t in enumerate(tokens):
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = TOKEN_BYTE
+        if tok.unk_token is not None:
+            types[vocab[tok.unk_token]] = TOKEN_UNKNOWN
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+        w.add_add_space_prefix('"prepend_scheme": "never"' not in pre)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
     for name, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id), ("unk", w.add_unk_token_id)):
         i = getattr(tok, f"{name}_token_id")
         if i is not None:

@@ -98,3 +98,33 @@ def test_export_refuses_non_llama(tiny):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, norm="layernorm", pos="learned", activation="gelu")
     with pytest.raises(ValueError, match="llama architecture"):
         write_gguf("/nonexistent/x.gguf", Transformer(cfg))
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    """A SentencePiece-style BPE (Metaspace, byte fallback) exported as llama.cpp's 'llama' tokenizer model."""
+    raw = RawTok(models.BPE(byte_fallback=True, fuse_unk=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    raw.train_from_iterator(TEXTS * 30, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok = Tokenizer(raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", extra_config={"add_bos_token": True})
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64, family="llama")
+    return tok, write_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", Transformer(cfg).eval(), tok)
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers_and_llama_cpp(spm):
+    from transformers import AutoTokenizer
+
+    _, path = spm
+    _, ours = llmkit.load(path)
+    htok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    texts = TEXTS + ["hello  world", " leading space", "日本語 bytes ✓", "return x+1"]
+    for text in texts:
+        assert ours.encode(text) == htok.encode(text, add_special_tokens=False), text
+        assert ours.encode(text, add_special_tokens=True) == htok.encode(text), text
+        assert ours.decode(ours.encode(text)) == htok.decode(htok.encode(text, add_special_tokens=False))
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True) == ours.encode(text, add_special_tokens=True), text
