@@ -59,20 +59,27 @@ def _passes_filters(text: str) -> bool:
     from .document import Document
     from .filters import C4Quality, GopherQuality, GopherRepetition
 
-    return all(st.apply(Document("x", text)) is None for st in (GopherRepetition(), GopherQuality(), C4Quality()))
+    doc = Document("x", text)
+    ok = all(st.apply(doc) is None for st in (GopherRepetition(), GopherQuality(), C4Quality()))
+    return ok and len(doc.text) > 1500  # enough text left after C4's line edits for clear near-copies
 
 
 def build_corpus(path: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     docs = stdlib_docs()
     long_docs = [d for d in docs if len(d["text"].split()) > 200 and _passes_filters(d["text"])]
-    base = long_docs.pop()["text"]  # carries the PII; withheld, or dedup would remove the PII copy
+    # the PII carrier: a document that still passes the filters with the PII paragraph appended; it is
+    # withheld from the corpus, or dedup would remove the PII version as a near-copy of it
+    pii_text = PLANTED[0][1]
+    base = next(d["text"] for d in reversed(long_docs) if _passes_filters(d["text"] + "\n\n" + pii_text))
+    long_docs = [d for d in long_docs if d["text"] != base]
     lines = [json.dumps(d) for d in docs if d["text"] != base]
     for i, d in enumerate(long_docs[:8]):  # exact copies
         lines.append(json.dumps({**d, "id": f"copy-{i}"}))
     for i, d in enumerate(long_docs[8:16]):  # near-copies: one word changed
         words = d["text"].split(" ")
-        words[rng.randrange(len(words) // 2, len(words))] = "CHANGED"
+        alpha = [i for i, w in enumerate(words) if w.isalpha()]  # a plain word, so line structure is kept
+        words[rng.choice(alpha[len(alpha) // 2:])] = "changed"
         lines.append(json.dumps({**d, "id": f"near-{i}", "text": " ".join(words)}))
     for pid, text in PLANTED:
         lines.append(json.dumps({"id": pid, "text": (base + "\n\n" + text) if pid.startswith("pii") else text}))
