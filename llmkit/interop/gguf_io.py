@@ -6,7 +6,7 @@ Implements:
   (Q4_0/Q4_1/Q8_0/K-quants/...); llama.cpp's q/k row permutation undone for llama; the tokenizer rebuilt from
   `tokenizer.ggml.*` the way transformers' GGUF loader does (byte-level BPE "gpt2" with the pre-tokenizer split
   named by `tokenizer.ggml.pre`; SentencePiece "llama" with merges from the scores), and the chat template;
-- `write_gguf(path, model, tokenizer)`: llama-architecture GGUF (float32 or float16 tensors, q/k permuted as
+- `write_gguf(path, model, tokenizer)`: llama-architecture GGUF (qwen2 when q/k/v carry biases) (float32 or float16 tensors, q/k permuted as
   llama.cpp's converter does, byte-level BPE tokenizer metadata) that the gguf reader, transformers and llama.cpp load.
 Not covered: GGUF architectures other than llama/qwen2 on read (gemma's +1 norm storage, gpt2's fused qkv).
 """
@@ -229,7 +229,8 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], add_prefix_space:
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_gguf(path: str | Path, model, tokenizer: Tokenizer | None = None, dtype: str = "float32", name: str = "llmkit") -> Path:
-    """Write a llama-architecture GGUF (RMSNorm, RoPE, SwiGLU, no biases; GQA and tied embeddings allowed)."""
+    """Write a llama-architecture GGUF (RMSNorm, RoPE, SwiGLU; GQA and tied embeddings allowed), or qwen2 when
+    the model has q/k/v biases."""
     import gguf
 
     cfg: ModelConfig = model.cfg
@@ -237,7 +238,8 @@ def write_gguf(path: str | Path, model, tokenizer: Tokenizer | None = None, dtyp
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
+    arch = "qwen2" if cfg.qkv_bias else "llama"  # llama.cpp's qwen2 = llama + q/k/v biases, unpermuted q/k
+    w = gguf.GGUFWriter(tmp, arch)
     w.add_name(name)
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.max_seq_len)
@@ -262,7 +264,7 @@ def write_gguf(path: str | Path, model, tokenizer: Tokenizer | None = None, dtyp
             _, i, rest = key.split(".", 2)
             sub, leaf = rest.rsplit(".", 1)
             gname = f"blk.{i}.{ {v: k for k, v in _BLOCK.items()}[sub] }.{leaf}"
-            if sub in ("attn.q", "attn.k"):
+            if sub in ("attn.q", "attn.k") and arch == "llama":
                 t = permute_qk(t, cfg.n_heads if sub == "attn.q" else cfg.n_kv_heads)
         else:
             gname = inv[key]
@@ -280,8 +282,8 @@ def _check_llama_like(cfg: ModelConfig) -> None:
     bad = []
     if cfg.arch != "decoder" or cfg.norm != "rmsnorm" or cfg.pos != "rope" or cfg.activation != "swiglu":
         bad.append("needs a decoder with rmsnorm, rope, swiglu")
-    if cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias or cfg.qk_norm or cfg.norm_offset or cfg.norm_position != "pre":
-        bad.append("no biases, qk-norm, norm offset or sandwich norms")
+    if cfg.attn_out_bias or cfg.mlp_bias or cfg.qk_norm or cfg.norm_offset or cfg.norm_position != "pre":
+        bad.append("no biases except q/k/v (qwen2), no qk-norm, norm offset or sandwich norms")
     if cfg.n_experts or cfg.sliding_window or cfg.embed_scale or cfg.logit_softcap or cfg.attn_softcap or cfg.rope_scaling:
         bad.append("no MoE, sliding window, embedding scale, soft-capping or rope scaling")
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9 or cfg.rope_fraction != 1.0:

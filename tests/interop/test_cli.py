@@ -40,8 +40,18 @@ def test_convert_hf_to_llmkit_to_hf_and_gguf(hf_src, tmp_path, capsys):
 
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert (back(ids).logits - want).abs().max() < 1e-4
-    # qwen2 has q/k/v biases, which llama-architecture GGUF cannot hold: a clear refusal, exit code 2
-    assert main([str(src), "--to", "gguf", "--out", str(tmp_path / "q.gguf")]) == 2
+    # qwen2 (q/k/v biases, unpermuted q/k) goes out as a qwen2 GGUF that transformers reads back
+    capsys.readouterr()
+    assert main([str(src), "--to", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
+    g = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    assert (g(ids).logits - want).abs().max() < 1e-4
+    m2, _ = llmkit.load(tmp_path / "q.gguf")
+    assert m2.cfg.family == "qwen2" and (m2(ids) - want).abs().max() < 1e-4
+    # a gpt2 model is not llama-shaped: a clear refusal, exit code 2
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path / "g2")
+    assert main([str(tmp_path / "g2"), "--to", "gguf", "--out", str(tmp_path / "g2.gguf")]) == 2
     assert "llama architecture" in capsys.readouterr().err
 
 
