@@ -50,7 +50,7 @@ class GenerationConfig:
     seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
-    early_stopping: bool = True
+    early_stopping: bool = False  # transformers: stop when the running beams cannot beat the finished ones
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
