@@ -266,6 +266,24 @@ def _gpt2_out(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     return out
 
 
+_NOT_ARCH = {"family", "extra", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "init_std",
+             "dropout", "embed_grad_scale", "moe_aux_loss_coef"}
+
+
+def check_expressible(cfg: ModelConfig, hf: dict) -> None:
+    """Refuse an export that transformers would read back as a different architecture (e.g. a llmkit-only option)."""
+    back = hf_config_to_llmkit(hf)
+    diff = []
+    for f in cfg.to_dict():
+        a, b = getattr(cfg, f), getattr(back, f)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+        if f not in _NOT_ARCH and not same:
+            diff.append(f"{f}={a!r} (HF {hf['model_type']} gives {b!r})")
+    if diff:
+        raise ValueError(f"this model cannot be written as an HF {hf['model_type']} directory: {'; '.join(diff)}; "
+                         "save it as a llmkit checkpoint instead (`llmkit convert SRC --to llmkit`)")
+
+
 # ---------------------------------------------------------------------------------------------- directories
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
@@ -302,6 +320,7 @@ def save_hf(directory: str | Path, model: Transformer, tokenizer: Tokenizer | No
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     hf_cfg = llmkit_config_to_hf(model.cfg)
+    check_expressible(model.cfg, hf_cfg)
     hf_cfg["dtype"] = str(model.dtype).removeprefix("torch.")
     state = {k: v.detach().contiguous().cpu() for k, v in llmkit_to_hf_state(model.state_dict(), model.cfg).items()}
     atomic_write_bytes(d / "model.safetensors", save(state, metadata={"format": "pt"}))

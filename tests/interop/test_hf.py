@@ -82,3 +82,12 @@ def test_bfloat16_load(tmp_path):
     model, _ = llmkit.load(tmp_path, dtype="bfloat16")
     assert model.embed.weight.dtype == torch.bfloat16
     assert model(torch.arange(8)[None]).dtype == torch.bfloat16
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, qk_norm=True, pos="alibi", family="llama")
+    with pytest.raises(ValueError, match=r"cannot be written as an HF llama directory: .*qk_norm=True.*pos='alibi'"):
+        save_hf(tmp_path, Transformer(cfg))

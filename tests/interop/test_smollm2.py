@@ -116,3 +116,18 @@ def test_bfloat16_runs(ours):
     out = m16(x)
     assert out.dtype == torch.bfloat16 and out.shape == (1, x.shape[1], 49152)
     assert out[0, -1].float().argmax() == model(x)[0, -1].argmax()
+
+
+def test_saved_tokenizer_loads_in_transformers(ours, ref, tmp_path):
+    """The GGUF tokenizer saved as tokenizer.json + tokenizer_config.json: AutoTokenizer gives the same ids and chat text."""
+    from transformers import AutoTokenizer
+
+    _, tok = ours
+    _, htok = ref
+    tok.save(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert saved.encode(text, add_special_tokens=False) == htok.encode(text, add_special_tokens=False)
+    chat = [{"role": "user", "content": "Hello"}]
+    assert saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(chat)
+    assert saved.eos_token == "<|im_end|>"
