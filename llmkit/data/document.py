@@ -23,8 +23,9 @@ import regex
 _NOSPACE = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
 WORD_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+(?:['’][^\s{_NOSPACE}\p{{P}}\p{{S}}]+)*")
 # Word tokens plus punctuation/symbol tokens ("..." kept whole), as word tokenizers emit them (spaCy/nltk);
-# contractions split like spaCy's ("i'll" -> "i", "'ll"), so alphabetic-token ratios agree with datatrove's
-TOKEN_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+|['’]\p{{L}}+|\.{{2,}}|…|[\p{{P}}\p{{S}}]+")
+# contractions split like spaCy's ("i'll" -> "i", "'ll"), punctuation one token per run of one character
+# ('!"' -> '!', '"'; "..." whole; WikiText's "@-@" whole), so alphabetic-token ratios agree with datatrove's
+TOKEN_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+|['’]\p{{L}}+|@[-.,]@|…|([\p{{P}}\p{{S}}])\1*")
 # A sentence ends at . ! ? (and their CJK forms) followed by space or end; keeps the terminator.
 SENT_RE = regex.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+['\"”’)\]]*|$)")
 _PUNCT_RE = regex.compile(r"[\p{P}\p{S}]+")
@@ -86,7 +87,7 @@ def split_words(text: str) -> list[str]:
 
 def split_tokens(text: str) -> list[str]:
     """Words and punctuation/symbol tokens: the denominators Gopher's ratios use."""
-    return TOKEN_RE.findall(text)
+    return [m.group() for m in TOKEN_RE.finditer(text)]
 
 
 def split_sentences(text: str) -> list[str]:
