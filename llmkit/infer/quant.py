@@ -42,22 +42,30 @@ def _int4(w: torch.Tensor, group: int, dtype) -> tuple[torch.Tensor, torch.Tenso
     return q.to(torch.int32).reshape(N, K), scale, zero
 
 
+def _pad_input(x: torch.Tensor, k_pad: int) -> torch.Tensor:
+    return nn.functional.pad(x, (0, k_pad)) if k_pad else x
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        q, scale = _int8(weight, compute_dtype)
+        K = self.in_features
+        # the kernel reads K in blocks of 16 and crashes on a ragged tail: zero columns, matched by zero x
+        self.k_pad = -K % 16
+        q, scale = _int8(nn.functional.pad(weight.detach().float(), (0, self.k_pad)), compute_dtype)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
         self.compute_dtype = compute_dtype
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
+        return self.qweight[:, :self.in_features].float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.qweight, self.scales)
+        x2 = _pad_input(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.k_pad)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -90,9 +98,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
-        if self.k_pad:
-            x2 = nn.functional.pad(x2, (0, self.k_pad))
+        x2 = _pad_input(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.k_pad)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]

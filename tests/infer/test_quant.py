@@ -18,7 +18,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("N,K", [(48, 64), (300, 96), (12, 32)])
+@pytest.mark.parametrize("N,K", [(48, 64), (300, 96), (12, 32), (7, 88), (5, 40)])  # 88, 40: ragged K
 def test_int8_error_bound_and_kernel(N, K):
     w, x, b = torch.randn(N, K), torch.randn(5, K), torch.randn(N)
     m = Int8Linear(w, b)
