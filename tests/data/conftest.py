@@ -19,14 +19,16 @@ def corpus(shared_data, tmp_path_factory):
     text = (shared_data / "tinystories" / "tinystories_val.txt").read_text()
     keep = lambda t: all(st.apply(Document("x", t)) is None for st in (GopherRepetition(), GopherQuality(), C4Quality()))  # noqa: E731
     # stories the quality filters keep, so that what removes the planted copies is dedup
-    stories = [s.strip() for s in text.split("<|endoftext|>") if len(s.split()) > 120 and keep(s.strip())][:160]
+    stories = [s.strip() for s in text.split("<|endoftext|>") if len(s.split()) > 120 and keep(s.strip())][:170]
     wiki = (shared_data / "wikitext-2" / "raw" / "wiki.test.raw").read_text().replace("\r\n", "\n")
     paras = [p.strip() for p in wiki.split("\n") if len(p.split()) > 80][:100]
     recs = [{"id": f"ts{i}", "text": s, "src_url": f"http://ts/{i}"} for i, s in enumerate(stories[:150])]
     recs += [{"id": f"wk{i}", "text": p} for i, p in enumerate(paras)]
     recs += [{"id": f"copy{i}", "text": stories[i]} for i in range(10)]                       # exact copies
     recs += [{"id": f"near{i}", "text": stories[20 + i].replace(".", "!", 1) + " The end."} for i in range(10)]
-    recs.insert(5, {"id": "pii", "text": stories[155] + " Email me at jane.roe@mail.com or call +44 20 7946 0958."})
+    pii = " Email me at jane.roe@mail.com or call +44 20 7946 0958."
+    carrier = next(t for t in stories[150:] if keep(t + pii))  # not in the corpus, or dedup would remove it
+    recs.insert(5, {"id": "pii", "text": carrier + pii})
     lines = [json.dumps(r) for r in recs]
     lines[30:30] = ["{broken json", "", json.dumps({"id": "notext", "body": "x"})]
     path = d / "corpus.jsonl"
