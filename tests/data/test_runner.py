@@ -109,3 +109,30 @@ def test_tag_then_filter_equals_filtering_directly(corpus, tmp_path):
     ids_direct = sorted(r["id"] for r in read_out(direct))
     assert ids_re == ids_direct and stats["out"] == len(ids_direct) < n_all
     assert any(k.startswith("gopher_quality:gopher_too_few_words") for k in stats["removed"])
+
+
+def test_multipass_edit_stages_and_decontamination(corpus, shared_data, tmp_path):
+    """Global stages that edit text (CCNet line dedup, C4 3-sentence spans) chained across passes,
+    with decontamination in between: same result with 1 and 2 workers, and the edits really happen."""
+    gsm = shared_data / "gsm8k" / "test.jsonl"
+    question = json.loads(gsm.read_text().splitlines()[7])["question"]
+    extra = tmp_path / "extra.jsonl"
+    span = "The sky was very blue. Birds sang in the trees. A cat slept on the wall."
+    extra.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "x1", "text": f"Menu bar text\nFirst unique line here.\n{span} More."},
+        {"id": "x2", "text": f"Menu bar text\nSecond unique line here.\nOpening words. {span} Closing words. Final words."},
+        {"id": "x3", "text": f"A story begins.\n{question}\nIt ends."}]) + "\n")
+    cfg = {**CFG, "stages": [{"type": "line_dedup"}, {"type": "decontaminate", "benchmarks": {"gsm8k": str(gsm)}},
+                             {"type": "sentence_dedup"}, {"type": "exact_dedup"}]}
+    outs = []
+    for w in (1, 2):
+        clean([str(extra), str(corpus)], tmp_path / f"o{w}", cfg, workers=w)
+        outs.append(tmp_path / f"o{w}")
+    assert data_bytes(outs[0]) == data_bytes(outs[1])
+    recs = {r["id"]: r["text"] for r in read_out(outs[0])}
+    assert recs["x1"].startswith("Menu bar text\nFirst unique line here.") and span in recs["x1"]
+    assert "Menu bar text" not in recs["x2"] and "Birds sang" not in recs["x2"] and "Final words." in recs["x2"]
+    assert "x3" not in recs  # contaminated
+    stats = json.loads((outs[0] / "stats.json").read_text())
+    assert stats["decontaminate"]["removed"] == {"contaminated": 1}
+    assert stats["line_dedup"]["counters"]["units_removed"] >= 1 and stats["sentence_dedup"]["counters"]["sentences_removed"] >= 3
