@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,24 @@ TOPICS = ["a lighthouse", "the moon", "a lost key", "a robot chef", "autumn rain
           "a library at night", "a paper boat", "a mountain village", "a clockmaker", "a city garden"]
 
 
+# llama.cpp's AMX weight buffers ("extra buffer types") execute AMX tile instructions that fault (SIGILL) on
+# machines whose kernel/sandbox does not grant AMX state, as on ours; use_extra_bufts=False keeps llama.cpp on its
+# AVX-512/AVX2 kernels there. Set LLMKIT_BENCH_LLAMA_EXTRA_BUFTS=1 to keep them on a machine where AMX works.
+LLAMA_SHIM = """
+import os, runpy, sys
+import llama_cpp.llama_cpp as C
+if os.environ.get("LLMKIT_BENCH_LLAMA_EXTRA_BUFTS") != "1":
+    _default = C.llama_model_default_params
+    def _params():
+        p = _default()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = _params
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,11 +60,13 @@ def free_port() -> int:
 
 def start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = tempfile.TemporaryFile()  # not a pipe: a verbose server would fill it and block
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -136,7 +157,7 @@ def main() -> None:
         results["llmkit"] = run_server("llmkit", cmd, port, "smollm2", levels, a.max_tokens)
     if a.only in (None, "llamacpp"):
         port = free_port()
-        cmd = [PY, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "smollm2", "--port", str(port),
+        cmd = [PY, "-c", LLAMA_SHIM, "--model", gguf, "--model_alias", "smollm2", "--port", str(port),
                "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048",
                "--interrupt_requests", "False"]
         results["llamacpp"] = run_server("llama.cpp", cmd, port, "smollm2", levels, a.max_tokens)
