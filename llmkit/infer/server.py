@@ -10,6 +10,7 @@ Implements:
   model name is only compared with the served id (nothing from a request reaches the loader), and
   the default bind is loopback;
 - `main(argv)` for the CLI and `serve_command(spec)` for the demo.
+Request schemas and limits live in `server_schema.py`, streaming and response shaping in `server_stream.py`.
 """
 from __future__ import annotations
 
@@ -74,9 +75,16 @@ class Server:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def parse(self, req: HTTPRequest, schema):
-        body = await req.body()
-        if len(body) > self.limits.max_body_bytes:
-            raise APIError(413, f"request body is {len(body)} bytes; the limit is {self.limits.max_body_bytes}")
+        limit = self.limits.max_body_bytes
+        too_big = APIError(413, f"request body is larger than this server's limit of {limit} bytes")
+        declared = req.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in req.stream():  # read at most `limit` bytes, whatever the header said
+            body += chunk
+            if len(body) > limit:
+                raise too_big
         try:
             obj = json.loads(body)
         except ValueError as e:
@@ -271,8 +279,8 @@ def build_app(srv: Server) -> FastAPI:
             prompts = [srv.encode(prompt)]
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            if not texts:
-                raise APIError(400, "prompt is an empty list", param="prompt")
+            if not texts or len(texts) > srv.limits.max_n:
+                raise APIError(400, f"prompt must be a string or a list of 1..{srv.limits.max_n} strings", param="prompt")
             prompts = [srv.encode(t) for t in texts]
         job = Completion(srv, chat, body, prompts, tools or None, texts)
         srv.reserve(len(job.jobs))

@@ -72,6 +72,15 @@ def test_oversized_and_limits(http):
     assert_error(post(http, {**OK, "n": 5}), 400, "n")
     assert_error(post(http, {**OK, "messages": [{"role": "user", "content": "x" * 30_000}]}), 413)
     assert_error(post(http, {"model": "tiny", "prompt": "hi " * 300}, "/v1/completions"), 400, code="context_length_exceeded")
+    assert_error(post(http, {"model": "tiny", "prompt": ["hi"] * 5}, "/v1/completions"), 400, "prompt")
+
+    def chunked():  # no Content-Length header: the server must stop reading at its limit
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    assert_error(http.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413)
 
 
 def test_unknown_model_is_404_and_never_loaded(http):
