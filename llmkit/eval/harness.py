@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 
 from ..prompting import icl
-from .metrics import bootstrap_stderr, mean_stderr, mc_predictions
+from .metrics import answers_match, bootstrap_stderr, mc_predictions, mean_stderr
 from .tasks import CodeTask, GenTask, MCTask, PerplexityTask, Task, fewshot_prefix
 from .tasks.symbolic import cot_demo
 
@@ -125,8 +125,7 @@ def _score_mc(task: MCTask, doc: dict, lps: list[float], greedy: list[bool]) -> 
     if task.kind == "lastword":
         return {"acc": float(greedy[0]), "logprob": lps[0]}
     gold = task.gold_fn(doc)
-    raw = int(np.argmax(lps))
-    norm = int(np.argmax([lp / max(n, 1) for lp, n in zip(lps, task.norm_lengths(doc))]))
+    raw, norm = mc_predictions(lps, ["x" * n for n in task.norm_lengths(doc)])
     row = {"acc": float(raw == gold), "acc_norm": float(norm == gold), "pred": raw, "pred_norm": norm}
     if task.multi_true is not None:  # TruthfulQA MC2: normalised probability mass on the true answers
         p = np.exp(np.array(lps) - max(lps))
@@ -135,17 +134,6 @@ def _score_mc(task: MCTask, doc: dict, lps: list[float], greedy: list[bool]) -> 
 
 
 # --------------------------------------------------------------------------- generation
-def answers_match(a, b) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-    except (TypeError, ValueError):
-        from .metrics import normalize_answer
-
-        return normalize_answer(str(a)) == normalize_answer(str(b))
-
-
 def gen_prompt(task: GenTask, i: int, doc: dict, k: int, cfg: EvalConfig, pool, same) -> str:
     if cfg.cot:
         q = "Q: " + doc["question"] + "\nA:"

@@ -4,7 +4,7 @@ Implements `OpenAILM(base_url, model, api_key=None, chat=False)`:
 - `generate`: POST /completions (or /chat/completions with chat=True) with max_tokens, temperature, top_p,
   stop and seed — the OpenAI argument names;
 - `loglikelihood` / `loglikelihood_rolling`: the legacy completions trick lm-eval's `local-completions` uses —
-  `echo=true, logprobs=1, max_tokens=0` returns per-token log-probs of the prompt itself; tokens whose
+  `echo=true, logprobs=1, max_tokens=1` returns per-token log-probs of the prompt itself; tokens whose
   `text_offset` lies at or after the context's end make up the continuation. Servers that do not return
   prompt log-probs (the OpenAI chat API, llmkit serve today) get a clear error instead of wrong numbers.
 A `client` (any httpx.Client, e.g. FastAPI's TestClient) can be passed in place of a network connection.
@@ -56,7 +56,7 @@ class OpenAILM(LM):
             raise RuntimeError("log-likelihoods need the completions endpoint with echo+logprobs; use chat=False")
         res = []
         for i in range(0, len(texts), self.batch):
-            body = {"model": self.model, "prompt": list(texts[i:i + self.batch]), "max_tokens": 0, "echo": True,
+            body = {"model": self.model, "prompt": list(texts[i:i + self.batch]), "max_tokens": 1, "echo": True,
                     "logprobs": 1, "temperature": 0.0}
             choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
             for c in choices:
@@ -72,7 +72,8 @@ class OpenAILM(LM):
         for (ctx, cont), lp in zip(requests, self._echo([c + x for c, x in requests])):
             total, greedy = 0.0, True
             for j, off in enumerate(lp["text_offset"]):
-                if off < len(ctx) or lp["token_logprobs"][j] is None:
+                # prompt tokens from the context's end on; the one generated token lies past the prompt
+                if off < len(ctx) or off >= len(ctx + cont) or lp["token_logprobs"][j] is None:
                     continue
                 total += lp["token_logprobs"][j]
                 top = (lp.get("top_logprobs") or [None] * (j + 1))[j]
@@ -83,7 +84,8 @@ class OpenAILM(LM):
 
     def loglikelihood_rolling(self, texts):
         out = []
-        for lp in self._echo(texts):
-            vals = [v for v in lp["token_logprobs"] if v is not None]  # the first token has no log-prob
+        for text, lp in zip(texts, self._echo(texts)):
+            # the first token has no log-prob; the generated one lies past the text
+            vals = [v for v, off in zip(lp["token_logprobs"], lp["text_offset"]) if v is not None and off < len(text)]
             out.append((float(sum(vals)), len(vals)))
         return out

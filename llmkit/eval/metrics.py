@@ -1,8 +1,8 @@
 """Metrics and answer extraction for survey §7.1 (Table 15's measures).
 
 Implements:
-- multiple choice: argmax of summed log-prob (`acc`) and of length-normalised log-prob (`acc_norm`, per byte of
-  the continuation, as lm-evaluation-harness does);
+- multiple choice: argmax of summed log-prob (`acc`) and of length-normalised log-prob (`acc_norm`, per character
+  of the choice, as lm-evaluation-harness does);
 - unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, the HumanEval paper), numerically stable form;
 - SQuAD-style normalisation, exact match and token F1 (closed-book QA), max over gold aliases;
 - answer extraction: GSM8K's "#### 42", "The answer is 42", the last number in a text; multiple-choice letters;
@@ -23,9 +23,10 @@ import numpy as np
 
 # --------------------------------------------------------------------------- multiple choice
 def mc_predictions(logprobs: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
-    """(argmax of raw log p, argmax of log p / bytes of the choice); ties go to the first choice."""
+    """(argmax of raw log p, argmax of log p / characters of the choice: lm-eval's acc_norm); ties go to the
+    first choice."""
     raw = int(np.argmax(logprobs))
-    norm = int(np.argmax([lp / max(len(c.encode()), 1) for lp, c in zip(logprobs, choices)]))
+    norm = int(np.argmax([lp / max(len(c), 1) for lp, c in zip(logprobs, choices)]))
     return raw, norm
 
 
@@ -143,6 +144,16 @@ def bootstrap_stderr(values: Sequence, agg: Callable, iters: int = 1000, seed: i
     vals = list(values)
     stats = [agg([vals[rng.randrange(len(vals))] for _ in vals]) for _ in range(iters)]
     return float(np.std(stats, ddof=1))
+
+
+def answers_match(a, b) -> bool:
+    """Numbers compare by value ('18.0' == '18'); text after SQuAD normalisation; None never matches."""
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+    except (TypeError, ValueError):
+        return normalize_answer(str(a)) == normalize_answer(str(b))
 
 
 def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:

@@ -104,8 +104,20 @@ def test_closed_book_qa_em_f1(tmp_path):
     f.write_text(json.dumps({"question": "Capital of France?", "answer": ["Paris", "Paris, France"]}) + "\n")
     t = get_task(f"cbqa:{f}")[0]
     d = t.docs()[0]
-    assert t.score(t.extract_fn(" paris\nQ: next"), d) == {"exact_match": 1.0, "f1": 1.0}
-    assert t.score(t.extract_fn("the city of Paris"), d)["f1"] == pytest.approx(0.5)
+    assert t.score(" paris\nQ: next", d) == {"exact_match": 1.0, "f1": 1.0}
+    assert t.score("the city of Paris", d)["f1"] == pytest.approx(0.5)
+
+
+def test_generation_scoring_uses_the_extracted_answer():
+    from llmkit.eval.tasks import get_task
+
+    t = get_task("arithmetic:3")[0]
+    d = dict(t.docs()[0], answer="122")
+    assert t.score(" The answer is 122.", d) == {"exact_match": 1.0}
+    assert t.score(" I think 121", d) == {"exact_match": 0.0}
+    c = get_task("coin_flip:3")[0]
+    assert c.score(" The answer is yes.", {"answer": "yes"}) == {"exact_match": 1.0}
+    assert c.score(" No.", {"answer": "no"}) == {"exact_match": 1.0}
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():

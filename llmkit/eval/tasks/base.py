@@ -144,10 +144,14 @@ class GenTask(Task):
     def doc_to_target(self, doc):
         return self.target_fn(doc)
 
-    def score(self, prediction: str | None, doc: dict) -> dict[str, float]:
+    def score(self, text: str, doc: dict) -> dict[str, float]:
+        """Metrics of one generated text (the task's score_fn sees the raw text; by default the extracted
+        answer must equal the gold one, numerically for numbers)."""
         if self.score_fn:
-            return self.score_fn(prediction, doc)
-        return {"exact_match": float(prediction is not None and prediction == self.answer_fn(doc))}
+            return self.score_fn(text, doc)
+        from ..metrics import answers_match
+
+        return {"exact_match": float(answers_match(self.extract_fn(text), self.answer_fn(doc)))}
 
 
 @dataclass

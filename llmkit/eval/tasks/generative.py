@@ -79,12 +79,16 @@ def read_qa(path: Path) -> list[dict]:
     return docs
 
 
+def first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
 def closed_book_qa(path: Path, name: str = "cbqa") -> GenTask:
     return GenTask(name, loader=lambda: read_qa(path), text_fn=lambda d: "Q: " + d["question"] + "\nA:",
                    target_fn=lambda d: d["answers"][0], answer_fn=lambda d: d["answers"][0],
-                   extract_fn=lambda s: s.strip().split("\n")[0].strip(), stop=["\n"], max_new_tokens=32,
-                   score_fn=lambda p, d: {"exact_match": exact_match(p or "", d["answers"]),
-                                          "f1": f1_score(p or "", d["answers"])})
+                   extract_fn=first_line, stop=["\n"], max_new_tokens=32,
+                   score_fn=lambda text, d: {"exact_match": exact_match(first_line(text), d["answers"]),
+                                             "f1": f1_score(first_line(text), d["answers"])})
 
 
 def lambada(data: Path) -> GenTask:
