@@ -1,0 +1,80 @@
+"""`llmkit pretrain` recipes and CLI: overrides, clear errors, run directory contents, checkpoints that load."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.train import checkpoint as ckpt
+from llmkit.train.cli import main
+from llmkit.train.config import apply_overrides, load_recipe
+
+RECIPE = """
+model: {{vocab_size: auto, d_model: 32, n_layers: 2, n_heads: 4, max_seq_len: 64}}
+data: {{kind: text, path: {text}, val_fraction: 0.1, tokenizer: char}}
+train: {{max_steps: 12, micro_batch_size: 4, seq_len: 32, lr: 3.0e-3, warmup_steps: 2, log_every: 2,
+        eval_every: 6, eval_batches: 2, sample_every: 6, sample_tokens: 16, ckpt_every: 6, progress: false}}
+"""
+
+
+@pytest.mark.parametrize("name", ["demo", "shakespeare-char", "gpt2-124m", "llama-1b"])
+def test_shipped_recipes_are_valid(name):
+    r = load_recipe(name)
+    r.train_config()
+    if r.model.get("vocab_size") != "auto":
+        r.model_config()
+
+
+def test_overrides_address_sections():
+    d = apply_overrides({"train": {"lr": 1.0}}, ["lr=3e-4", "model.n_layers=6", "train.betas=[0.9, 0.99]",
+                                                 "data.path=x.txt", "train.compile=true"])
+    assert d["train"] == {"lr": 3e-4, "betas": [0.9, 0.99], "compile": True}
+    assert d["model"] == {"n_layers": 6} and d["data"] == {"path": "x.txt"}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["lr"])
+
+
+def test_bad_recipes_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {optimizer: lion}\n")
+    with pytest.raises(ValueError, match="choose one of"):
+        load_recipe(bad)
+    bad.write_text("trian: {}\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown recipe sections"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        load_recipe("no-such-recipe")
+    assert main(["--config", str(bad)]) == 2
+
+
+def test_pretrain_cli_run_directory(tmp_path, capsys):
+    import json as stdlib_json
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(Path(stdlib_json.__file__).with_name("encoder.py").read_text() * 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(text=text))
+    out = tmp_path / "run"
+    assert main(["--config", str(recipe), "--out", str(out), "train.max_steps=12"]) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
+    assert all(k in steps[0] for k in ("step", "loss", "tokens_per_s", "lr", "wall_time", "mfu"))
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in vals] == [6, 12] and vals[0].get("sample")
+    for f in ("loss_curve.png", "report.html", "recipe.json"):
+        assert (out / f).stat().st_size > 0
+    assert list((out / "tb").iterdir())  # TensorBoard events
+    # a second run into the same directory must be explicit
+    assert main(["--config", str(recipe), "--out", str(out)]) == 2
+    # the checkpoint loads with the llmkit checkpoint reader and predicts like the trained model
+    from llmkit.interop.checkpoint import load_checkpoint
+
+    last = ckpt.latest_checkpoint(out / "checkpoints")
+    model, tok = load_checkpoint(last)
+    assert tok is not None and tok.decode(tok.encode("def f(x):")) == "def f(x):"
+    state = ckpt.load_checkpoint(last)
+    assert state["trainer_state"]["step"] == 12 and state["trainer_state"]["data"]["step"] > 0
+    x = torch.tensor([tok.encode("import json")])
+    ref = model(x)
+    assert torch.isfinite(ref).all() and json.loads((last / "manifest.json").read_text())["kind"] == "checkpoint"
