@@ -85,9 +85,14 @@ def split_words(text: str) -> list[str]:
     return list(_LAST_SPLIT[1])
 
 
+_LAST_TOKENS: list = [None, []]
+
+
 def split_tokens(text: str) -> list[str]:
-    """Words and punctuation/symbol tokens: the denominators Gopher's ratios use."""
-    return [m.group() for m in TOKEN_RE.finditer(text)]
+    """Words and punctuation/symbol tokens (what Gopher's rules count, as datatrove's spaCy tokens)."""
+    if _LAST_TOKENS[0] is not text:
+        _LAST_TOKENS[0], _LAST_TOKENS[1] = text, [m.group() for m in TOKEN_RE.finditer(text)]
+    return list(_LAST_TOKENS[1])
 
 
 def split_sentences(text: str) -> list[str]:

@@ -13,9 +13,9 @@ MassiveText paper's for Gopher and the TFDS/datatrove C4 code):
 - `C4Paragraph`: >= 3 paragraphs whose 3 longest have >= 200 chars;
 - `FineWebQuality`: terminal-punctuation line ratio >= 0.12, short-line ratio <= 0.67,
   duplicate-line chars <= 1%, newline/word ratio <= 0.3.
-Word splitting is the language-aware `split_words` (letters/digits; CJK per character); as in datatrove,
-word counts and mean length use words without pure-punctuation tokens while the symbol and alphabetic
-ratios use all tokens, punctuation included (`split_tokens`, a regex stand-in for spaCy/nltk).
+Tokens come from the language-aware `split_tokens` (letter/digit runs, CJK per character, contractions
+and punctuation split as spaCy does), one regex pass shared by every rule: as in datatrove, word counts
+and mean length use the non-symbol tokens, while ratios and n-grams use all tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import heapq
 import numpy as np
 import regex
 
-from .document import Document, split_sentences, split_tokens, split_words
+from .document import Document, split_sentences, split_tokens
 from .stage import Stage
 
 STOP_WORDS = {  # Gopher's 8 English stop words; others are the same function words in each language
@@ -64,8 +64,8 @@ class GopherQuality(Stage):
 
     def measure(self, doc):
         text = doc.text
-        words = split_words(text)  # "non-symbol words": counts and mean length
         tokens = split_tokens(text)  # all tokens, punctuation included: the ratios' denominator (as datatrove)
+        words = [t for t in tokens if t[0].isalnum() or any(c.isalnum() for c in t)]  # "non-symbol words"
         n, nt = max(len(words), 1), max(len(tokens), 1)
         lines = text.splitlines() or [""]
         stops = self.stop_words.get(_lang(doc))
@@ -77,7 +77,7 @@ class GopherQuality(Stage):
             "bullet_lines": sum(ln.lstrip().startswith(("•", "-", "*")) for ln in lines) / len(lines),
             "ellipsis_lines": sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines),
             "alpha_words": sum(1 for w in tokens if w.isalpha() or any(c.isalpha() for c in w)) / nt,
-            "stop_words": -1 if stops is None else sum(w.lower() in stops for w in words),
+            "stop_words": -1 if stops is None else sum(w.lower() in stops for w in tokens),
         }
 
     def judge(self, s):
@@ -183,7 +183,7 @@ class GopherRepetition(Stage):
         ln, lc = _dup_stats(lines)
         s = {"dup_para_frac": pn / max(len(paras), 1), "dup_para_char_frac": pc / total,
              "dup_line_frac": ln / max(len(lines), 1), "dup_line_char_frac": lc / total}
-        words = split_words(text)
+        words = split_tokens(text)  # n-grams over tokens, punctuation included, as datatrove's
         vocab: dict[str, int] = {}
         ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in words], np.uint64)
         cum = np.concatenate([[0], np.cumsum([len(w) for w in words], dtype=np.int64)])
@@ -306,7 +306,7 @@ class FineWebQuality(Stage):
             "line_punct_ratio": sum(ln.endswith(END_PUNCT) for ln in lines) / n,
             "short_line_ratio": sum(len(ln) <= self.short_len for ln in lines) / n,
             "char_dup_ratio": _dup_stats(lines)[1] / max(len(text.replace("\n", "")), 1),
-            "list_ratio": text.count("\n") / max(len(split_words(text)), 1),
+            "list_ratio": text.count("\n") / max(len(split_tokens(text)), 1),
         }
 
     def judge(self, s):
