@@ -90,6 +90,18 @@ class _Sampling(_Strict):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # accepted at their neutral values only: a client asking for them must hear they are not applied
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: Union[bool, int, None] = None
+    logit_bias: dict | None = None
+
+    @field_validator("frequency_penalty", "presence_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it unset")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -60,6 +60,8 @@ def assert_error(r, status, param=None, code=None):
     ({**OK, "stream": "yes"}, "stream"),
     ({k: v for k, v in OK.items() if k != "model"}, "model"),
     ([1, 2, 3], None),
+    ({**OK, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({**OK, "logprobs": True}, "logprobs"),
 ])
 def test_malformed_requests_get_400(http, body, param):
     assert_error(post(http, body), 400, param)
