@@ -127,3 +127,22 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
         assert run_tests(p, p["canonical_solution"])["passed"], p["task_id"]
         assert not run_tests(p, "    return None\n")["passed"]
     assert run_tests(probs[0], "    while True:\n        pass\n", timeout=1.0)["status"] == "timeout"
+
+
+def test_hub_records_convert_to_the_local_documents(shared_data, tmp_path):
+    """Hub-format records (the field layout of Rowan/hellaswag, allenai/ai2_arc) become the same docs as the
+    local files; `datasets.load_dataset` itself is exercised on a local json file (no network here)."""
+    from llmkit.eval.tasks.hub import arc_doc, hellaswag_doc, load_records
+
+    hs = hellaswag_doc({"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+                        "endings": ["is using wrap to wrap a pair of skis.", "x", "y", "starts pulling up roofing on a roof."],
+                        "label": "3"})
+    assert hs["query"] == "Roof shingle removal: A man is sitting on a roof. He" and hs["gold"] == 3
+    a = arc_doc({"question": "Which piece?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "2"})
+    assert a == {"query": "Question: Which piece?", "choices": ["a", "b", "c"], "gold": 1}
+    pytest.importorskip("datasets")
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"question": "q", "answer": "#### 3"}\n')
+    assert load_records(str(tmp_path), None, "train") == [{"question": "q", "answer": "#### 3"}]
+    with pytest.raises(TaskDataError, match="load_dataset"):
+        load_records(str(tmp_path / "missing"), None, "test")

@@ -3,7 +3,8 @@
 `get_tasks("hellaswag,arc_easy,mmlu_anatomy,mmlu,gsm8k", data_dir)` returns Task objects; `mmlu` expands to its
 57 subjects (the harness adds the macro average). Data lives under `data_dir` (default: $LLMKIT_DATA, else
 `../shared/data` beside the repository) in the layouts listed in its README; a closed-book QA set is
-`cbqa:/path/to/file.jsonl`; synthetic tasks take `:N` for their item count (`arithmetic:50`).
+`cbqa:/path/to/file.jsonl`; synthetic tasks take `:N` for their item count (`arithmetic:50`); `NAME@hub` reads
+the hub copy through `datasets.load_dataset` (tasks/hub.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def task_names(data_dir: Path | None = None) -> list[str]:
 
 def get_task(name: str, data_dir: Path | None = None) -> list[Task]:
     d = Path(data_dir or default_data_dir())
+    if name.endswith("@hub"):
+        from .hub import hub_task
+
+        return [hub_task(name, d)]
     base, _, arg = name.partition(":")
     if base in SIMPLE:
         return [SIMPLE[base](d)]
