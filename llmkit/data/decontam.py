@@ -94,6 +94,8 @@ class NGramIndex:
 
 
 class Decontaminate(Stage):
+    """Flags/drops documents sharing >= min_hits word 13-grams with evaluation sets."""
+
     type = "decontaminate"
 
     def __init__(self, benchmarks: dict[str, str | list[str]] | list[str] | None = None, n: int = 13,

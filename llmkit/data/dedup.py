@@ -33,6 +33,8 @@ def first_occurrence_mask(hashes: np.ndarray) -> np.ndarray:
 
 
 class ExactDedup(GlobalStage):
+    """Exact dedup on the CCNet-normalised text hash; the first occurrence is kept."""
+
     type = "exact_dedup"
 
     def __init__(self, normalize: bool = True, **kw):
@@ -57,6 +59,8 @@ def _ragged_first(keys: list[np.ndarray]) -> list[np.ndarray]:
 
 
 class LineDedup(GlobalStage):
+    """CCNet line/paragraph dedup: removes units seen earlier; drops docs left empty."""
+
     type = "line_dedup"
 
     def __init__(self, unit: str = "line", min_chars: int = 1, min_unit_chars: int = 0, **kw):
@@ -91,6 +95,8 @@ class LineDedup(GlobalStage):
 
 
 class SentenceSpanDedup(GlobalStage):
+    """C4 3-sentence-span dedup: each span kept at its first occurrence only."""
+
     type = "sentence_dedup"
 
     def __init__(self, n_sentences: int = 3, **kw):
@@ -126,6 +132,8 @@ class SentenceSpanDedup(GlobalStage):
 
 
 class MinHashDedup(GlobalStage):
+    """MinHash-LSH near-dedup (5-gram, 14x8 by default), one kept per union-find cluster."""
+
     type = "minhash_dedup"
 
     def __init__(self, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 1, **kw):

@@ -48,6 +48,8 @@ def _lang(doc: Document) -> str:
 
 
 class GopherQuality(Stage):
+    """Gopher quality rules: 50..100k words, mean word length 3..10, symbol/bullet/ellipsis ratios, alpha tokens, stop words."""
+
     type = "gopher_quality"
     histogram_keys = ("n_words", "mean_word_len")
 
@@ -161,6 +163,8 @@ def _dup_ngram_chars(keys: np.ndarray, n: int, cum: np.ndarray) -> int:
 
 
 class GopherRepetition(Stage):
+    """Gopher repetition: duplicate line/paragraph fractions, top 2-4-gram and duplicated 5-10-gram char fractions."""
+
     type = "gopher_repetition"
     histogram_keys = ("dup_line_frac",)
 
@@ -268,6 +272,8 @@ class C4Quality(Stage):
 
 
 class C4Paragraph(Stage):
+    """C4 paragraph rule: >= 3 lines, the 3 longest >= 200 chars."""
+
     type = "c4_paragraph"
 
     def __init__(self, min_paragraphs=3, min_paragraph_len=200, **kw):
@@ -286,6 +292,8 @@ class C4Paragraph(Stage):
 
 
 class FineWebQuality(Stage):
+    """FineWeb rules: terminal-punct lines >= 12%, short lines <= 67%, dup-line chars <= 1%, newlines/words <= 0.3."""
+
     type = "fineweb_quality"
     histogram_keys = ("line_punct_ratio", "short_line_ratio")
 

@@ -30,6 +30,8 @@ BOILERPLATE = [
 
 
 class KeywordFilter(Stage):
+    """Drops documents with >= max_hits listed words/phrases (or a word fraction >= max_fraction)."""
+
     type = "keywords"
     histogram_keys = ("keyword_hits",)
 
@@ -65,6 +67,8 @@ class KeywordFilter(Stage):
 
 
 class BoilerplateLines(Stage):
+    """Removes boilerplate lines (cookie/legal/share/nav); optionally drops docs with too much of it."""
+
     type = "boilerplate"
 
     def __init__(self, patterns: list[str] | None = None, extra_patterns: list[str] = (),

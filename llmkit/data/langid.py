@@ -73,6 +73,8 @@ def langid_classify(text: str) -> tuple[str, float]:
 
 
 class LanguageID(Stage):
+    """Language ID (langid offline, fastText with a model path); keeps `languages` at score >= threshold."""
+
     type = "langid"
     histogram_keys = ("language_score",)
 

@@ -103,6 +103,8 @@ def redact(text: str, spans, policy: str = "replace", tags: dict | None = None) 
 
 
 class PIIRedaction(Stage):
+    """Redacts e-mails, phones, public IPs, Luhn-valid cards, IBANs (replace/mask; drop_above N hits)."""
+
     type = "pii"
     histogram_keys = ("pii_hits",)
 

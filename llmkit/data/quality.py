@@ -87,6 +87,8 @@ class HashedNGramClassifier:
 
 
 class QualityClassifier(Stage):
+    """Hashed n-gram logistic-regression quality score; keeps score >= threshold."""
+
     type = "quality_classifier"
     histogram_keys = ("quality_score",)
 
@@ -184,6 +186,8 @@ class NGramLM:
 
 
 class Perplexity(Stage):
+    """n-gram LM perplexity with CCNet head/middle/tail buckets; drop buckets or above max_perplexity."""
+
     type = "perplexity"
     histogram_keys = ("perplexity",)
 
