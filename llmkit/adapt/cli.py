@@ -37,6 +37,12 @@ def _prompts(recipe: dict, tok) -> tuple[list[dict], list[str]]:
     return [{"prompt_ids": render_prompt(tok, r["question"]), "answer": r["answer"]} for r in rows], files
 
 
+def stop_ids(tok) -> list[int]:
+    """EOS and, for ChatML templates, <|im_end|>: where a sampled assistant turn ends."""
+    ids = [tok.eos_token_id, getattr(tok, "token_to_id", lambda t: None)("<|im_end|>")]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def render_prompt(tok, question: str) -> list[int]:
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
@@ -114,7 +120,7 @@ def build(stage: str, recipe: dict, model, tok, cfg) -> dict:
         ref = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
         pl.apply_peft(model, recipe.get("peft"))
         score = _score_fn(recipe, tok)
-        common = dict(eos_id=tok.eos_token_id, pad_id=pad, max_new_tokens=method.get("max_new_tokens", 32),
+        common = dict(eos_id=stop_ids(tok), pad_id=pad, max_new_tokens=method.get("max_new_tokens", 32),
                       temperature=method.get("temperature", 1.0), seed=cfg.seed)
         if stage == "grpo":
             from .grpo import GRPOObjective, GRPORollouts
@@ -220,7 +226,17 @@ def run_stage(stage: str, argv: list[str] | None) -> int:
     return 0
 
 
-def train(stage: str, recipe: dict, out: Path | None, resume: bool = False, model=None, tok=None):
+def time_budget_hook(seconds: float):
+    """A Trainer hook that ends the run at the first logged step after `seconds` (the demo's wall-clock budget)."""
+    t0 = time.perf_counter()
+
+    def hook(trainer, record):
+        if time.perf_counter() - t0 > seconds:
+            trainer.cfg.max_steps = trainer.step
+    return hook
+
+
+def train(stage: str, recipe: dict, out: Path | None, resume: bool = False, model=None, tok=None, hooks=None):
     """Build and fit; returns (final record, built parts, trainer, tokenizer). `model`/`tok` skip loading the base."""
     from ..train.config import TrainConfig
     from ..train.trainer import Trainer
@@ -231,7 +247,8 @@ def train(stage: str, recipe: dict, out: Path | None, resume: bool = False, mode
         model, tok = pl.load_base(recipe)
     built = build(stage, recipe, model, tok, cfg)
     trainer = Trainer(built["model"], cfg, built["data"], loss_fn=built["loss_fn"], out_dir=out, val_data=built["val"],
-                      tokenizer=tok, model_config=model.cfg, recipe={k: v for k, v in recipe.items() if k != "_path"})
+                      tokenizer=tok, model_config=model.cfg, recipe={k: v for k, v in recipe.items() if k != "_path"},
+                      hooks=hooks)
     final = trainer.fit(resume=resume)
     if out is not None and trainer.is_main:
         from ..train.report import write_report

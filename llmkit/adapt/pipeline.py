@@ -90,7 +90,8 @@ def chats(data: dict, recipe: dict) -> tuple[list[list[dict]], list[str]]:
     """Conversations for SFT and the files they came from."""
     kind, limit = data.get("kind", "chat_jsonl"), data.get("limit")
     if kind == "arithmetic":
-        probs = idata_arith(data)
+        skip = set(data.get("exclude") or [])
+        probs = [p for p in idata_arith(data) if p["question"] not in skip]
         return [[{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["solution"]}]
                 for p in probs], []
     path = resolve(data["path"], recipe)

