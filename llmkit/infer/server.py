@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import hmac
 import json
 import time
@@ -343,7 +344,8 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, l
 
 def serve_command(model_spec: str, port: int = 8000) -> str:
     """What the demo prints: the command that serves `model_spec` and the chat page's address."""
-    return (f".venv/bin/python -m llmkit serve {model_spec} --port {port}\n"
+    python = " --python-tool" if any(t["function"]["name"] == "python" for t in builtin_tools(True)) else ""
+    return (f".venv/bin/python -m llmkit serve {model_spec} --port {port}{python}\n"
             f"then open http://127.0.0.1:{port}/ (chat page) or point an OpenAI client at http://127.0.0.1:{port}/v1")
 
 
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="checkpoint dir, HF dir, .gguf file or alias (as `llmkit.load` accepts)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; use 0.0.0.0 with --api-key)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /tools")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /tools and /metrics "
+                   "(or set LLMKIT_API_KEY, which other users cannot read from the process list)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (continuous batching)")
     p.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent)
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
@@ -377,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    model, tok = llmkit.load(a.model)
+    try:
+        model, tok = llmkit.load(a.model)
+    except (ValueError, FileNotFoundError) as e:  # LoadError is a ValueError; its message says what to do
+        print(f"llmkit serve: {e}", file=sys.stderr)
+        return 2
     if a.dtype == "bfloat16":
         import torch
 

@@ -145,3 +145,46 @@ def test_metrics_prometheus_text(server, client):
         values[name] = float(v)
     assert values["llmkit_generation_tokens_total"] >= 3 and values["llmkit_decode_steps_total"] >= 2
     assert values['llmkit_http_requests_total{path="/v1/chat/completions",status="200"}'] >= 1
+
+
+def test_cli_serves_a_checkpoint_dir(tmp_path, model, tok):
+    """`llmkit serve DIR` end to end in a subprocess: loads the checkpoint, binds loopback, answers, and
+    the demo's serve_command names this very command line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from llmkit.infer.server import serve_command
+    from llmkit.interop import save_checkpoint
+    from serve_util import free_port
+
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    port = free_port()
+    cmd = serve_command(str(tmp_path / "ckpt"), port=port).splitlines()[0].split()
+    assert cmd[:4] == [".venv/bin/python", "-m", "llmkit", "serve"] and f"http://127.0.0.1:{port}/" in serve_command("x", port)
+    env = {**os.environ, "LLMKIT_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable] + cmd[1:] + ["--threads", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = c.chat.completions.create(model="ckpt", messages=MSG, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == greedy_reference(model, tok, render_chat(tok, MSG, None), 8)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # key from LLMKIT_API_KEY
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_cli_reports_a_missing_model(capsys):
+    from llmkit.infer.server import main
+
+    assert main(["/no/such/model"]) == 2
+    assert "no such file" in capsys.readouterr().err
