@@ -49,13 +49,21 @@ class Request:
     first_token_at: float | None = None
 
     def __post_init__(self):
-        self.generator = make_generator(self.params.seed)
+        self.generator = None  # made on the model's device when the request is prefilled
         eos = self.params.eos_token_id
         self.stop_ids = set() if eos is None else set([eos] if isinstance(eos, int) else eos)
 
     def cancel(self) -> None:
         """Called from any thread; the batcher frees the row before its next decode step."""
         self.cancelled = True
+
+
+def _send(req: Request, tok: int | None, reason: str | None) -> None:
+    """Deliver to the client; a client that can no longer receive (closed event loop) is cancelled."""
+    try:
+        req.emit(tok, reason)
+    except RuntimeError:
+        req.cancelled = True
 
 
 @dataclass
@@ -136,13 +144,13 @@ class Batcher:
 
     def _finish(self, req: Request, reason: str) -> None:
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
-        req.emit(None, reason)
+        _send(req, None, reason)
 
     def _fail_all(self, err: Exception) -> None:
         for i, r in enumerate(self.rows):
             if r is not None:
                 self.stats["errors"] += 1
-                r.req.emit(None, "error")
+                _send(r.req, None, "error")
         self.rows, self.cache = [], None
 
     def _emit_token(self, req: Request, tok: int) -> str | None:
@@ -153,7 +161,7 @@ class Batcher:
             req.first_token_at = time.perf_counter()
         if tok in self.eos or tok in req.stop_ids:
             return "stop"  # the end-of-turn token itself is not part of the reply text
-        req.emit(tok, None)
+        _send(req, tok, None)
         return "length" if req.generated >= req.params.max_new_tokens else None
 
     # ------------------------------------------------------------------ admission (prefill)
@@ -185,6 +193,8 @@ class Batcher:
             ids[j, P - lens[j]:] = torch.tensor(r.prompt_ids)
             valid[j, P - lens[j]:] = True
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        for r in reqs:  # per-request RNG on the model's device (a CPU generator cannot draw CUDA numbers)
+            r.generator = make_generator(r.params.seed, device=dev)
         pre = self.model.new_cache(J, P)
         mask = None if all(n == P for n in lens) else valid.to(dev)
         logits = self.model(ids.to(dev), positions=pos.to(dev), attn_mask=mask, cache=pre)[:, -1]
