@@ -6,6 +6,7 @@ Implements:
 - unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, the HumanEval paper), numerically stable form;
 - SQuAD-style normalisation, exact match and token F1 (closed-book QA), max over gold aliases;
 - answer extraction: GSM8K's "#### 42", "The answer is 42", the last number in a text; multiple-choice letters;
+- Gorilla-style AST matching of API calls;
 - the standard error of a mean (sample std / sqrt(n)) and a bootstrap for other aggregates;
 - `majority_vote` with deterministic tie-breaking (self-consistency, Wang et al. 2022).
 """
@@ -126,6 +127,29 @@ def extract_text_answer(text: str) -> str:
     m = re.search(r"[Tt]he answer is[:\s]*(.+)", text)
     s = m.group(1) if m else (text.strip().splitlines() or [""])[0]
     return s.strip().rstrip(".").strip()
+
+
+# --------------------------------------------------------------------------- tool calls (Gorilla APIBench)
+def _call_parts(src: str):
+    import ast
+
+    try:
+        node = ast.parse(src.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(node, ast.Call):
+        return None
+    kwargs = {k.arg: ast.dump(k.value) for k in node.keywords}
+    return ast.unparse(node.func), [ast.dump(a) for a in node.args], kwargs
+
+
+def ast_match(pred: str, ref: str) -> bool:
+    """Gorilla's AST sub-tree match, simplified: same callee and positional args, and every keyword argument of
+    the reference present with the same value (extra keywords in the prediction are allowed)."""
+    p, r = _call_parts(pred), _call_parts(ref)
+    if p is None or r is None:
+        return False
+    return p[0] == r[0] and p[1] == r[1] and all(p[2].get(k) == v for k, v in r[2].items())
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -77,3 +77,14 @@ def test_majority_vote_ties_are_deterministic():
 def test_mc_predictions_raw_and_normalised():
     raw, norm = M.mc_predictions([-4.0, -6.0], ["ab", "abcdefgh"])
     assert raw == 0 and norm == 1  # -6/8 > -4/2
+
+
+def test_ast_match_of_api_calls():
+    ref = "pipeline(task='text-generation', model='gpt2')"
+    assert M.ast_match("pipeline(model='gpt2', task='text-generation')", ref)  # keyword order is irrelevant
+    assert M.ast_match("pipeline(task='text-generation', model='gpt2', device=0)", ref)  # extra keyword allowed
+    assert not M.ast_match("pipeline(task='text-generation', model='gpt-2')", ref)
+    assert not M.ast_match("Pipeline(task='text-generation', model='gpt2')", ref)
+    assert not M.ast_match("pipeline(task=", ref) and not M.ast_match("x = 1", ref)
+    assert M.ast_match("torch.hub.load('pytorch/vision', 'resnet18', pretrained=True)",
+                       "torch.hub.load('pytorch/vision', 'resnet18', pretrained=True)")
