@@ -92,3 +92,17 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {')
     with pytest.raises(ValueError, match="tokenizer.json: not a valid"):
         Tokenizer.load(tmp_path)
+
+
+def test_load_hf_style_config(tok, tmp_path):
+    """transformers writes special tokens as AddedToken dicts and the template as chat_template.jinja."""
+    import json
+
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    back = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert back.eos_token_id == tok.eos_token_id and back.chat_template == TEMPLATE
