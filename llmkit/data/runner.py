@@ -11,7 +11,9 @@ How a run is laid out (DIR = --output):
   record count) and only then renamed and given its completion marker in DIR/completions/, whose
   JSON holds the shard's sha256 and stats; on resume a marker counts only if the shard still
   matches its hash (datatrove #157: corrupt files marked done).
-- malformed records go to DIR/rejected/ with a reason; final shards are DIR/data/*.jsonl.zst; then
+- malformed records go to DIR/rejected/ with a reason; with `keep_removed: true` every document a stage
+  drops goes to DIR/removed/ with the stage and reason (datatrove's exclusion writer); final shards are
+  DIR/data/*.jsonl.zst; then
   stats.json (per stage: in/out/removed by reason), report.html and manifest.json.
 The result is byte-identical whatever the number of workers and however often the run was killed.
 """
@@ -44,9 +46,16 @@ def _stages(cfg: dict):
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = build_stages(cfg)
     stages = _STAGE_CACHE[key]
+    _reset(stages, cfg)
+    return stages
+
+
+def _reset(stages, cfg: dict) -> None:
+    """New stats, and a new exclusion list when `keep_removed` is on (removed docs go to DIR/removed/)."""
+    sink = [] if cfg.get("keep_removed") else None
     for st in stages:
         st.stats = StageStats()
-    return stages
+        st.removed_sink = sink
 
 
 def shard_name(file_idx: int, chunk: int) -> str:
@@ -113,8 +122,12 @@ def _load_keys(path: Path) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lens)[:-1]) if len(lens) else []
 
 
-def _commit(lay: Layout, k: int, shard: str, docs: list[Document], gstage, stats: dict, rejected=()) -> None:
+def _commit(lay: Layout, k: int, shard: str, docs: list[Document], gstage, stats: dict, rejected=(),
+            removed: list | None = None) -> None:
     data = lay.data(k, shard)
+    if removed:  # the exclusion writer: validated like a shard, before the marker
+        write_validated(lay.out / "removed" / f"{shard}.pass{k}.jsonl.zst",
+                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in removed).encode(), len(removed))
     sha = write_validated(data, _encode(docs), len(docs)) if docs else None
     if not docs:
         data.unlink(missing_ok=True)
@@ -156,10 +169,9 @@ def pass0_task(task: tuple) -> list[str]:
 
     def flush():
         stats = _shard_stats(seg_stages + ([gstage] if gstage else []), rejected, n_read)
-        _commit(lay, 0, shard_name(file_idx, cur), buf, gstage, stats, rejected)
+        _commit(lay, 0, shard_name(file_idx, cur), buf, gstage, stats, rejected, stages[0].removed_sink)
         written.append(shard_name(file_idx, cur))
-        for st in stages:
-            st.stats = StageStats()
+        _reset(stages, cfg)
 
     for i, item in enumerate(read_any(path, fmt, skip, int(cfg["max_doc_bytes"]), cfg.get("separator"))):
         c = i // K
@@ -211,7 +223,8 @@ def pass_task(task: tuple) -> str:
                 break
         if doc is not None:
             kept.append(doc)
-    _commit(lay, k, shard, kept, gstage, _shard_stats([prev_global, *seg_stages] + ([gstage] if gstage else []), []))
+    _commit(lay, k, shard, kept, gstage, _shard_stats([prev_global, *seg_stages] + ([gstage] if gstage else []), []),
+            removed=stages[0].removed_sink)
     return shard
 
 

@@ -82,6 +82,12 @@ class Stage:
         self.name = name or self.type
         self.mode = mode
         self.stats = StageStats()
+        self.removed_sink: list | None = None  # the runner's exclusion writer sets a list here
+
+    def _removed(self, reason: str, doc: Document) -> None:
+        self.stats.remove(reason, doc)
+        if self.removed_sink is not None:
+            self.removed_sink.append({**doc.to_record(), "removed_by": self.name, "reason": reason})
 
     def measure(self, doc: Document) -> dict:
         return {}
@@ -106,7 +112,7 @@ class Stage:
         self.stats.n_in += 1
         reason = self.apply(doc)
         if reason is not None:
-            self.stats.remove(reason, doc)
+            self._removed(reason, doc)
             return None
         self.stats.n_out += 1
         return doc
@@ -139,7 +145,7 @@ class GlobalStage(Stage):
             doc.metadata.setdefault("attrs", {})[self.name] = {"reason": reason}
             reason = None
         if reason is not None:
-            self.stats.remove(reason, doc)
+            self._removed(reason, doc)
             return None
         self.stats.n_out += 1
         return doc

@@ -136,3 +136,19 @@ def test_multipass_edit_stages_and_decontamination(corpus, shared_data, tmp_path
     stats = json.loads((outs[0] / "stats.json").read_text())
     assert stats["decontaminate"]["removed"] == {"contaminated": 1}
     assert stats["line_dedup"]["counters"]["units_removed"] >= 1 and stats["sentence_dedup"]["counters"]["sentences_removed"] >= 3
+
+
+def test_keep_removed_writes_every_dropped_document(corpus, tmp_path):
+    out = tmp_path / "kr"
+    stats = clean([str(corpus)], out, {**CFG, "keep_removed": True,
+                                       "stages": [{"preset": "gopher"}, {"type": "exact_dedup"}]}, workers=2)
+    removed = [json.loads(x) for p in sorted((out / "removed").glob("*.jsonl.zst"))
+               for x in zstandard.decompress(p.read_bytes()).decode().splitlines()]
+    by_stage = {}
+    for r in removed:
+        by_stage.setdefault(r["removed_by"], []).append(r)
+    assert sorted(r["id"] for r in by_stage["exact_dedup"]) == sorted(f"copy{i}" for i in range(10))
+    for name, s in stats.items():
+        if name != "read":
+            assert len(by_stage.get(name, [])) == sum(s["removed"].values()), name
+    assert verify_manifest(out) == []
