@@ -121,3 +121,18 @@ def test_checkpoint_roundtrip_and_manifest(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "n_layers": 2}))
     with pytest.raises(LoadError, match=r"model\.safetensors: weights do not fit the config: missing \['layers\.1"):
         llmkit.load(d)
+
+
+def test_unknown_gguf_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(tmp_path / "f.gguf", "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LoadError, match=r"f\.gguf: GGUF architecture 'falcon' is not supported"):
+        llmkit.load(tmp_path / "f.gguf")
