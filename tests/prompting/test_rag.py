@@ -13,7 +13,7 @@ RELEVANT = [0, 1, 3, 4, 5]
 def test_recall_at_k():
     r = rag.Retriever(CORPUS)
     assert rag.recall_at_k(r, QUERIES, RELEVANT, 1) == 1.0
-    assert rag.recall_at_k(r, ["the"], [{2}], 1) == 0.0
+    assert rag.recall_at_k(r, ["zebra stripes"], [{2}], 1) == 0.0  # no shared word: nothing relevant is found
 
 
 def test_prompt_and_citations():
