@@ -168,6 +168,9 @@ def pass0_task(task: tuple) -> list[str]:
     written, cur, buf, rejected, n_read = [], -1, [], [], 0
 
     def flush():
+        nonlocal buf
+        for st in seg_stages:  # stage by stage over the chunk: lets stages vectorise (langid)
+            buf = st.run_batch(buf)
         stats = _shard_stats(seg_stages + ([gstage] if gstage else []), rejected, n_read)
         _commit(lay, 0, shard_name(file_idx, cur), buf, gstage, stats, rejected, stages[0].removed_sink)
         written.append(shard_name(file_idx, cur))
@@ -185,13 +188,7 @@ def pass0_task(task: tuple) -> list[str]:
         if isinstance(item, Rejected):
             rejected.append(item)
             continue
-        doc = item
-        for st in seg_stages:
-            doc = st(doc)
-            if doc is None:
-                break
-        if doc is not None:
-            buf.append(doc)
+        buf.append(item)
     if cur >= 0:
         flush()
     return written
@@ -214,15 +211,9 @@ def pass_task(task: tuple) -> str:
             docs.append(d)
     if len(docs) != len(decisions):
         raise RuntimeError(f"{src}: {len(docs)} documents but {len(decisions)} decisions; delete {lay.out} and rerun")
-    kept = []
-    for doc, dec in zip(docs, decisions):
-        doc = prev_global.run_decided(doc, dec)
-        for st in seg_stages if doc is not None else ():
-            doc = st(doc)
-            if doc is None:
-                break
-        if doc is not None:
-            kept.append(doc)
+    kept = [d for d in (prev_global.run_decided(doc, dec) for doc, dec in zip(docs, decisions)) if d is not None]
+    for st in seg_stages:
+        kept = st.run_batch(kept)
     _commit(lay, k, shard, kept, gstage, _shard_stats([prev_global, *seg_stages] + ([gstage] if gstage else []), []),
             removed=stages[0].removed_sink)
     return shard

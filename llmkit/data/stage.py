@@ -118,6 +118,11 @@ class Stage:
         return doc
 
 
+    def run_batch(self, docs: list[Document]) -> list[Document]:
+        """The survivors of a batch, in order (stages that vectorise across documents override this)."""
+        return [d for d in map(self, docs) if d is not None]
+
+
 class GlobalStage(Stage):
     """A cross-document stage: keys in parallel, one global decision, then apply per document."""
 

@@ -116,3 +116,16 @@ def test_keyword_filter_and_boilerplate_lines(tmp_path):
     assert bp.stats.counters["lines_removed"] == 2
     strict = BoilerplateLines(max_removed_frac=0.05)
     assert strict(Document("7", "Good text here and more.\nClick here to continue")) is None
+
+
+def test_langid_batch_equals_single_and_stage_batch():
+    from llmkit.data.langid import langid_classify_batch
+
+    texts = list(SENTENCES.values()) + ["猫はテーブルの上で寝ています。", "ok", "x" * 3000]
+    assert langid_classify_batch(texts) == [langid_classify(t) for t in texts]
+    st = LanguageID(languages=["en", "de"])
+    docs = [Document(str(i), t) for i, t in enumerate(texts)]
+    kept = st.run_batch(docs)
+    assert [d.id for d in kept] == [str(i) for i, t in enumerate(texts) if langid_classify(t[:2000])[0] in ("en", "de")
+                                    and langid_classify(t[:2000])[1] >= 0.65]
+    assert st.stats.n_in == len(texts) and st.stats.n_out == len(kept)
