@@ -128,6 +128,7 @@ class Batch:
         self.padded = any(len(p) != P for p in prompts)
         self.length, self.rows = P, list(range(B))  # rows: batch row -> index of the original prompt
         self.cache = model.new_cache(B, L)
+        self.fast = model.__dict__.get("fast_decoder")  # fused.enable_fast_decode attaches it
         self.pos = self.valid[:, :P].sum(1)
 
     def prefill(self) -> torch.Tensor:
@@ -136,6 +137,8 @@ class Batch:
         ids = self.hist[:, :P].clamp(min=0)
         positions = (self.valid[:, :P].cumsum(1) - 1).clamp(min=0)
         mask = self.valid[:, :P] if self.padded else None
+        if self.fast is not None:
+            return self.fast(ids, positions=positions, attn_mask=mask, cache=self.cache)
         h = self.model(ids, positions=positions, attn_mask=mask, cache=self.cache, return_hidden=True)
         return self.model.project(h[:, -1])
 
@@ -144,10 +147,13 @@ class Batch:
         t = self.length
         self.hist[:, t] = tokens
         mask = self.valid[:, :t + 1] if self.padded else None
-        logits = self.model(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache)
+        if self.fast is not None:
+            logits = self.fast(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache)
+        else:
+            logits = self.model(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache)[:, -1]
         self.pos = self.pos + 1
         self.length = t + 1
-        return logits[:, -1]
+        return logits
 
     def keep(self, index: list[int]) -> None:
         """Keep only these batch rows (finished sequences leave the batch)."""
