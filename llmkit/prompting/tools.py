@@ -7,6 +7,8 @@ Implements:
 - `parse_action`: "Action: name[input]" / "Action: name(input)" / JSON {"tool": ..., "input": ...};
 - `react(lm, question, tools, max_steps)`: Thought -> Action -> Observation loop (Yao et al. 2023) with a step
   budget; returns the answer, a status ("answered" | "step_limit" | "no_action") and the trajectory;
+- `lookup_tool` (a toy key-value environment) and `reflexion`: ReAct trials with a persistent memory of
+  self-reflections (Shinn et al. 2023);
 - `program_aided(lm, question, demos)`: PAL (Gao et al. 2023): the model writes a `solution()` program, the
   sandbox runs it, the printed value is the answer.
 """
@@ -137,3 +139,26 @@ def program_aided(lm, question: str, *, demos: str = "", max_new_tokens: int = 1
     r = run_python(code, timeout=timeout, memory_mb=512)
     answer = (r.stdout.strip().splitlines() or [None])[-1] if r.ok else None
     return {"answer": answer, "status": r.status, "code": code, "stderr": r.stderr[-500:]}
+
+
+def lookup_tool(table: dict[str, str]) -> Callable[[str], str]:
+    """A key-value 'search' tool over a fixed table (a toy text environment for agents)."""
+    return lambda key: table.get(key.strip().lower(), f"No entry for {key!r}")
+
+
+def reflexion(lm, question: str, check: Callable[[str | None], bool], *, trials: int = 3,
+              memory: list[str] | None = None, tools: dict | None = None, max_steps: int = 5) -> dict:
+    """Reflexion (Shinn et al. 2023): after a failed ReAct trial the model writes a one-line reflection that is
+    kept in `memory` (a list the caller may keep across questions) and shown before every later trial."""
+    memory = memory if memory is not None else []
+    runs = []
+    for t in range(trials):
+        notes = "".join(f"Reflection: {m}\n" for m in memory)
+        r = react(lm, question, tools, max_steps=max_steps, demos=notes)
+        runs.append(r)
+        if check(r["answer"]):
+            return {"answer": r["answer"], "success": True, "trials": t + 1, "memory": memory, "runs": runs}
+        note = lm.generate([r["prompt"] + f"\nThe answer {r['answer']!r} was wrong. Reflection:"],
+                           max_new_tokens=64, stop=["\n"])[0].strip()
+        memory.append(note)
+    return {"answer": runs[-1]["answer"], "success": False, "trials": trials, "memory": memory, "runs": runs}

@@ -116,3 +116,38 @@ def test_program_aided_runs_code_in_the_sandbox_and_kills_loops():
     assert r["answer"] == "16" and r["status"] == "ok"
     loop = tools.program_aided(ScriptedLM([(r".", "    while True:\n        pass\n")]), "q", timeout=1.0)
     assert loop["answer"] is None and loop["status"] in ("timeout", "killed")
+
+
+def test_agent_success_rate_in_a_toy_environment_equals_the_expected_value():
+    table = {"capital of france": "Paris", "capital of peru": "Lima", "capital of chad": "N'Djamena"}
+    env = {"lookup": tools.lookup_tool(table), "calculator": tools.calculator}
+    # scripted policy: looks up the question's key, answers with the observation; it knows only 2 of 3 keys
+    known = {"capital of france", "capital of peru"}
+
+    def policy(p, seed, temp):
+        q = re.search(r"Question: (.*)\n", p).group(1).lower()
+        m = re.search(r"Observation: (.*)\nThought:$", p)
+        if m:
+            return f" Done.\nFinal Answer: {m.group(1)}"
+        return f" Look it up.\nAction: lookup[{q if q in known else 'capital'}]"
+    lm = ScriptedLM([(r".", policy)])
+    results = [tools.react(lm, q, env)["answer"] == a for q, a in table.items()]
+    assert sum(results) / len(results) == pytest.approx(2 / 3)
+
+
+def test_reflexion_memory_persists_across_trials():
+    def policy(p, seed, temp):
+        if p.endswith("Reflection:"):
+            return " Use the calculator instead of guessing."
+        if "Observation: 391" in p:
+            return " Final Answer: 391"
+        if "Reflection: Use the calculator" in p:
+            return " Compute.\nAction: calculator[17 * 23]"
+        return " Guess.\nFinal Answer: 400"
+    lm = ScriptedLM([(r".", policy)])
+    memory = []
+    r = tools.reflexion(lm, "What is 17 * 23?", lambda a: a == "391", memory=memory)
+    assert r["success"] and r["trials"] == 2 and memory == ["Use the calculator instead of guessing."]
+    r2 = tools.reflexion(lm, "What is 17 * 23?", lambda a: a == "391", memory=memory)
+    assert r2["trials"] == 1  # the stored reflection helps from the first trial on
+    assert tools.reflexion(ScriptedLM([(r".", " Final Answer: 1")]), "q", lambda a: False, trials=2)["success"] is False
