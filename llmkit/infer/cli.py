@@ -30,6 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128, 256)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="use the model's forward, not the fused path")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -51,20 +52,26 @@ def gen_config(a: argparse.Namespace) -> GenerationConfig:
 
 
 def load_for_inference(spec: str, dtype: str = "float32", quantize: str | None = None, group_size: int = 32,
-                       threads: int | None = None):
-    """(model, tokenizer) in eval mode, in `dtype` or quantised (int8/int4 weights, bfloat16 activations)."""
+                       threads: int | None = None, fast: bool = True):
+    """(model, tokenizer) in eval mode, in `dtype` or quantised (int8/int4 weights, bfloat16 activations).
+
+    fast: attach the fused decode path (fused.py) when the architecture allows it.
+    """
     import llmkit
+
+    from .fused import enable_fast_decode
+    from .quant import quantize_model
 
     if threads:
         torch.set_num_threads(threads)
     model, tok = llmkit.load(spec)
     model.eval()
-    if quantize:
-        from .quant import quantize_model
-
-        quantize_model(model, quantize, group_size=group_size)
-    elif dtype != "float32":
+    if not quantize and dtype != "float32":
         model.to(DTYPES[dtype])
+    if fast:
+        enable_fast_decode(model, quantize, group_size)
+    elif quantize:
+        quantize_model(model, quantize, group_size=group_size)
     return model, tok
 
 
@@ -84,8 +91,8 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
     add_sampling_args(p, temperature=0.0)
     a = p.parse_args(argv)
-    model, tok = load_for_inference(a.model, a.dtype, a.quantize, a.group_size, a.threads)
-    draft = load_for_inference(a.draft, a.dtype, a.quantize, a.group_size)[0] if a.draft else None
+    model, tok = load_for_inference(a.model, a.dtype, a.quantize, a.group_size, a.threads, a.fast)
+    draft = load_for_inference(a.draft, a.dtype, a.quantize, a.group_size, fast=a.fast)[0] if a.draft else None
     prompts = a.prompt
     if a.chat:
         sys_msg = [{"role": "system", "content": a.system}] if a.system else []
@@ -117,8 +124,8 @@ def chat_main(argv: list[str]) -> int:
     p.add_argument("--system", help="system message")
     add_sampling_args(p, temperature=0.7)
     a = p.parse_args(argv)
-    model, tok = load_for_inference(a.model, a.dtype, a.quantize, a.group_size, a.threads)
-    draft = load_for_inference(a.draft, a.dtype, a.quantize, a.group_size)[0] if a.draft else None
+    model, tok = load_for_inference(a.model, a.dtype, a.quantize, a.group_size, a.threads, a.fast)
+    draft = load_for_inference(a.draft, a.dtype, a.quantize, a.group_size, fast=a.fast)[0] if a.draft else None
     cfg = gen_config(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []

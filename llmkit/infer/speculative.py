@@ -57,6 +57,16 @@ def _probs(logits: torch.Tensor, cfg: GenerationConfig, history: list[int], hist
     return torch.cat(rows)
 
 
+def _forward(model, ids: list[int], cache) -> torch.Tensor:
+    """Logits [T, V] for ids appended to the cache; through the fused path when the model has one."""
+    x = torch.tensor([ids], device=model.device)
+    fast = model.__dict__.get("fast_decoder")
+    if fast is None:
+        return model(x, cache=cache)[0]
+    pos = torch.arange(cache.length, cache.length + len(ids), device=model.device)[None]
+    return fast(x, positions=pos, cache=cache, last_only=False)[0]
+
+
 @torch.inference_mode()
 def speculative_decode(
     target,
@@ -84,9 +94,8 @@ def speculative_decode(
     tc, dc = target.new_cache(1, room), draft.new_cache(1, room)
     dev = target.device
     if len(seq) > 1:
-        ctx = torch.tensor([seq[:-1]], device=dev)
-        target(ctx, cache=tc, return_hidden=True)
-        draft(ctx.to(draft.device), cache=dc, return_hidden=True)
+        _forward(target, seq[:-1], tc)
+        _forward(draft, seq[:-1], dc)
     emitted = 0
     stats = stats if stats is not None else {}
     stats.update(proposed=0, accepted=0, target_calls=0)
@@ -95,14 +104,13 @@ def speculative_decode(
         drafts, qs = [], []
         feed = seq[dc.length:]
         for _ in range(n):
-            logits = draft(torch.tensor([feed], device=draft.device), cache=dc)[:, -1].to(dev)
+            logits = _forward(draft, feed, dc)[-1:].to(dev)
             q = _probs(logits, cfg, seq + drafts, hist)
             d = int(draw(q, generator)[0]) if cfg.sampling else int(q.argmax())
             drafts.append(d)
             qs.append(q)
             feed = [d]
-        chunk = torch.tensor([[seq[-1]] + drafts], device=dev)
-        p = _probs(target(chunk, cache=tc)[0], cfg, seq + drafts, hist)  # [n+1, V]
+        p = _probs(_forward(target, [seq[-1]] + drafts, tc), cfg, seq + drafts, hist)  # [n+1, V]
         stats["target_calls"] += 1
         stats["proposed"] += n
         if not cfg.sampling:  # greedy: keep drafts while they are the target's argmax, then take the target's

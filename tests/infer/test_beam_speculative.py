@@ -101,3 +101,13 @@ def test_speculative_sampling_matches_target_distribution():
         exp = torch.cat([exp, exact[~big].sum()[None] * N])
     o, e = obs.double().numpy(), exp.double().numpy()
     assert stats.chisquare(o, e * o.sum() / e.sum()).pvalue > 1e-3
+
+
+def test_speculative_greedy_with_fused_paths():
+    from llmkit.infer.fused import enable_fast_decode
+
+    target, draft = tiny_model("llama_gqa", seed=0), tiny_model("mqa_tied", seed=4, n_layers=1)
+    want = greedy_uncached(target, PROMPT, 12)
+    assert enable_fast_decode(target) and enable_fast_decode(draft)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    assert list(speculative_decode(target, draft, PROMPT, cfg, num_draft=3)) == want
