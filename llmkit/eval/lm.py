@@ -7,20 +7,22 @@ Implements:
 - `TokenLM`: the shared tokenisation rules (lm-evaluation-harness's: trailing context spaces move to the
   continuation, the continuation is whole-string tokens minus context tokens, an empty context gets the
   BOS/EOS prefix token, long inputs are cut from the left);
-- `LlmkitLM` for llmkit `Transformer`s: batched scoring that runs each distinct context ONCE into the KV
-  cache, then fans the cache out to all its continuations (multiple choice shares a context across
-  choices), and batched KV-cache generation with left padding;
+- `LlmkitLM` for llmkit `Transformer`s: batched scoring that runs the prefix common to a batch's contexts
+  (few-shot demos) once, each distinct context ONCE into the KV cache, then fans the cache out to all its
+  continuations (multiple choice shares a context across choices); batched KV-cache generation, left padding;
 - `HFLM` for transformers causal LMs (plain batched full-sequence scoring, `model.generate`).
 The OpenAI-compatible HTTP endpoint adapter is `llmkit.eval.lm_openai.OpenAILM`.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import torch
 
 Pair = tuple[list[int], list[int]]
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth its own forward call
 
 
 class LM:
@@ -186,22 +188,34 @@ class LlmkitLM(TokenLM):
         return results
 
     def _score_groups(self, ctxs, groups, pairs, results) -> None:
-        """Contexts (left-padded) -> KV cache once; the cache fans out to every continuation (right-padded)."""
+        """The token prefix common to all contexts of the batch (few-shot demos, a task description) runs once;
+        each context's remainder (left-padded after it) then runs once; that KV cache fans out to every
+        continuation of the context (right-padded)."""
         dev, m = self.model.device, self.model
-        L = max(len(c) for c in ctxs)
+        G = len(ctxs)
+        P = len(os.path.commonprefix(ctxs)) if G > 1 else 0
+        P = min(P, min(len(c) for c in ctxs) - 1)  # every context keeps a token of its own: its logits score
+        if P < MIN_SHARED_PREFIX:
+            P = 0
+        sufs = [c[P:] for c in ctxs]
+        L = max(len(x) for x in sufs)
         members = [i for c in ctxs for i in groups[c]]
         owner = torch.tensor([g for g, c in enumerate(ctxs) for _ in groups[c]], device=dev)
         C = max(len(pairs[i][1]) for i in members)
-        ids = torch.zeros(len(ctxs), L, dtype=torch.long, device=dev)
-        valid = torch.zeros(len(ctxs), L, dtype=torch.bool, device=dev)
-        for g, c in enumerate(ctxs):
-            ids[g, L - len(c):] = torch.tensor(c, device=dev)
-            valid[g, L - len(c):] = True
+        ids = torch.zeros(G, L, dtype=torch.long, device=dev)
+        valid = torch.zeros(G, L, dtype=torch.bool, device=dev)
+        for g, x in enumerate(sufs):
+            ids[g, L - len(x):] = torch.tensor(x, device=dev)
+            valid[g, L - len(x):] = True
         padded = not bool(valid.all())
-        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        cache = m.new_cache(len(ctxs), L + C)
+        cache = m.new_cache(1 if P else G, P + L + C)
+        if P:
+            m(torch.tensor([ctxs[0][:P]], device=dev), cache=cache, return_hidden=True)
+            cache.reorder(torch.zeros(G, dtype=torch.long, device=dev))
+        key_valid = torch.cat([torch.ones(G, P, dtype=torch.bool, device=dev), valid], 1)
+        pos = P + (valid.long().cumsum(1) - 1).clamp(min=0)
         # only the last context position needs vocabulary logits: project that one hidden state
-        hidden = m(ids, positions=pos, attn_mask=valid if padded else None, cache=cache, return_hidden=True)
+        hidden = m(ids, positions=pos, attn_mask=key_valid if padded else None, cache=cache, return_hidden=True)
         last = m.project(hidden[:, -1])  # [G, V]
         cache.reorder(owner)
         conts = torch.zeros(len(members), C, dtype=torch.long, device=dev)
@@ -210,9 +224,8 @@ class LlmkitLM(TokenLM):
         logits = last[owner].unsqueeze(1)
         if C > 1:
             # right padding needs no mask: causal attention never lets a real token see a later pad
-            ctx_len = valid.sum(1)[owner]
-            step_pos = ctx_len[:, None] + torch.arange(C - 1, device=dev)[None]
-            mask = torch.cat([valid[owner], torch.ones(len(members), C - 1, dtype=torch.bool, device=dev)], 1)
+            step_pos = (P + valid.sum(1))[owner][:, None] + torch.arange(C - 1, device=dev)[None]
+            mask = torch.cat([key_valid[owner], torch.ones(len(members), C - 1, dtype=torch.bool, device=dev)], 1)
             more = m(conts[:, :-1], positions=step_pos, attn_mask=mask if padded else None, cache=cache)
             logits = torch.cat([logits, more], 1)
         lp, hit = _logprobs_of(logits, conts)

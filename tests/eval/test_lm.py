@@ -119,3 +119,20 @@ def test_generation_greedy_equals_argmax_loop_and_sampling_is_seeded(tiny):
     s1 = lm.generate(prompts, max_new_tokens=5, temperature=1.0, seed=3)
     assert s1 == lm.generate(prompts, max_new_tokens=5, temperature=1.0, seed=3)
     assert lm.generate(prompts, max_new_tokens=5, stop=[" "])[0].find(" ") == -1
+
+
+def test_shared_few_shot_prefix_is_computed_once_and_changes_nothing(tiny):
+    model, tok = tiny
+    prefix = "Question: What is 2 + 3?\nAnswer: 5\n\nThe quick brown fox jumps over the lazy dog.\n\n"
+    reqs = [(prefix + q, c) for q in ("Paris is the capital of", "A man", "The answer is") for c in (" France.", " 42")]
+    lm = LlmkitLM(model, tok)
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    try:
+        got = lm.loglikelihood(reqs)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 1 and calls[0][1] >= len(lm.encode(prefix)) - 1  # the prefix ran once, batch 1
+    for (c, x), (lp, _) in zip(reqs, got):
+        ctx, cont = lm.encode_pair(c, x)
+        assert lp == pytest.approx(manual_logprob(model, ctx, cont), abs=1e-4)
