@@ -3,7 +3,9 @@
 A batch is a dict of tensors. Conventions every objective and collator in llmkit follows:
 - `input_ids` [B, T]; `labels` [B, T] are the *targets of each position*, already shifted
   (labels[b, t] is the token that should follow input_ids[b, :t+1]); -100 = no loss there;
-- optional `positions` [B, T], `attn_mask` ([B, T] key validity or [B, T, T] pairwise),
+- optional `positions` [B, T], `attn_mask` ([B, T] key validity or [B, T, T] pairwise), `doc_ids` [B, T]
+  (document index per token in a packed row, as `llmkit.data.shards.BatchLoader(doc_info=True)` yields:
+  turned into a block-diagonal mask, i.e. document-aware masking),
   `prefix_len` [B] (bidirectional prefix, prefix LM), `encoder_input_ids` / `encoder_attn_mask`
   (encoder-decoder: the decoder reads `input_ids`).
 

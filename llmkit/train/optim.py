@@ -210,5 +210,5 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.op
                          beta1=cfg.betas[0] if cfg.betas[0] > 0 else None)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0])
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
+    # the fused kernel (one pass over all parameters) exists for CUDA and, since torch 2.4, for CPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
