@@ -243,3 +243,18 @@ def ifd_score(model, tokenizer, instruction: str, response: str) -> float:
     resp = list(tokenizer.encode(response, add_special_tokens=False))
     inst = list(tokenizer.encode(instruction, add_special_tokens=False))
     return math.exp(nll(start + inst, resp)) / math.exp(nll(start, resp))
+
+
+# ---------------------------------------------------------------------------------------------- critique and revise
+def critique_revise(generate, prompt: str, response: str, principles: list[str], rounds: int = 1) -> list[dict]:
+    """Constitutional-AI style self-critique: for each principle, ask for a critique, then a revision
+    [Bai et al. 2022]; returns the trace, whose last revision is the new SFT target."""
+    trace = []
+    for _ in range(rounds):
+        for pr in principles:
+            critique = generate(f"Prompt: {prompt}\nResponse: {response}\nCritique the response by this principle: {pr}\nCritique:")
+            revised = generate(f"Prompt: {prompt}\nResponse: {response}\nCritique: {critique}\n"
+                               f"Rewrite the response to address the critique.\nRevision:")
+            trace.append({"principle": pr, "critique": critique, "revision": revised})
+            response = revised
+    return trace

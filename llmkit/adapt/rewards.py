@@ -96,3 +96,45 @@ def token_reward_fn(tokenizer, text_reward, stop: str | None = None):
             out.append(text_reward(text, item))
         return out
     return fn
+
+
+# ---------------------------------------------------------------------------------------------- process rewards
+STEP = re.compile(rf"({NUM})\s*([-+*])\s*({NUM})\s*=\s*({NUM})")
+
+
+def step_scores(text: str) -> list[float]:
+    """A rule-based process reward model for worked arithmetic: 1 per correct 'a op b = c' step, 0 per wrong one
+    (PRM800K-style step labels, here checked exactly instead of learned)."""
+    out = []
+    for a, op, b, c in STEP.findall(text):
+        a, b, c = _to_number(a), _to_number(b), _to_number(c)
+        v = a + b if op == "+" else a - b if op == "-" else a * b
+        out.append(float(v == c))
+    return out
+
+
+def prm_aggregate(scores: list[float], how: str = "min") -> float:
+    """Solution score from step scores: the weakest step (min) or the product (probability all steps are right)."""
+    if not scores:
+        return 0.0
+    if how == "min":
+        return min(scores)
+    if how == "prod":
+        p = 1.0
+        for s in scores:
+            p *= s
+        return p
+    raise ValueError(f"unknown PRM aggregation {how!r}; choose min or prod")
+
+
+def multi_reward(rewards: list[list[float]], weights: list[float] | None = None, whiten: bool = True) -> list[float]:
+    """Combine several reward models (one per criterion, e.g. helpful / harmless): each standardised, then weighted."""
+    import statistics
+
+    weights = weights or [1.0] * len(rewards)
+    out = [0.0] * len(rewards[0])
+    for w, rs in zip(weights, rewards):
+        mu, sd = statistics.fmean(rs), (statistics.pstdev(rs) or 1.0)
+        for i, r in enumerate(rs):
+            out[i] += w * ((r - mu) / sd if whiten else r)
+    return out
