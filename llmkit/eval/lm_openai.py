@@ -58,7 +58,11 @@ class OpenAILM(LM):
         for i in range(0, len(texts), self.batch):
             body = {"model": self.model, "prompt": list(texts[i:i + self.batch]), "max_tokens": 1, "echo": True,
                     "logprobs": 1, "temperature": 0.0}
-            choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
+            try:
+                choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}\nlog-likelihood tasks need a server that returns prompt log-probs "
+                                   "(echo+logprobs: vLLM, llama.cpp); use generation tasks with this one") from None
             for c in choices:
                 lp = c.get("logprobs")
                 if not lp or not lp.get("token_logprobs") or not lp.get("text_offset"):

@@ -29,7 +29,7 @@ def test_generation_over_http_equals_local_greedy(tiny, served):
 
 def test_loglikelihood_needs_prompt_logprobs(served):
     remote = OpenAILM("http://testserver/v1", "tiny", client=served)
-    with pytest.raises(RuntimeError, match="echo"):
+    with pytest.raises(RuntimeError, match="echo\\+logprobs"):
         remote.loglikelihood([("a", " b")])
 
 
