@@ -105,6 +105,6 @@ def run_lm_eval(model, tasks: list[str], include_path: str | Path, limit: int | 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(include_path))
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)  # our configs only: skips indexing ~10k YAMLs
     return simple_evaluate(model=model, tasks=tasks, limit=limit, task_manager=tm, bootstrap_iters=0,
                            log_samples=True, **kw)
