@@ -85,6 +85,9 @@ class Trainer:
         self.rank, self.world = getattr(dist, "rank", 0), getattr(dist, "world_size", 1)
         self.is_main = self.rank == 0
         self.raw_model = model.to(self.device)
+        if self.device.type == "cuda":  # TF32 tensor cores for fp32 matmuls (nanoGPT / torchtitan default)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.model_config = model_config if model_config is not None else getattr(model, "cfg", None)
         self.recipe = recipe
         if cfg.activation_checkpointing:

@@ -78,3 +78,18 @@ def test_pretrain_cli_run_directory(tmp_path, capsys):
     x = torch.tensor([tok.encode("import json")])
     ref = model(x)
     assert torch.isfinite(ref).all() and json.loads((last / "manifest.json").read_text())["kind"] == "checkpoint"
+
+
+@pytest.mark.slow
+def test_demo_hook_small(tmp_path, capsys):
+    from llmkit.train.demo import run, stdlib_corpus
+
+    corpus = stdlib_corpus(100_000)  # the Python standard library's own sources, never ../shared
+    assert sum(map(len, corpus)) >= 80_000 and any("def " in t for t in corpus)
+    out = run(tmp_path / "demo", corpus_texts=corpus,
+              overrides=["train.max_steps=6", "train.eval_every=3", "train.sample_every=3", "train.log_every=2",
+                         "train.progress=false", "train.micro_batch_size=4", "data.tokenizer_vocab=400"])
+    text = capsys.readouterr().out
+    assert "sample" in text and (out / "loss_curve.png").exists() and (out / "report.html").exists()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 6 and any("val_loss" in r for r in recs)
