@@ -9,7 +9,10 @@ loader: llmkit.load vs transformers' gguf_file), same items (the first --n of He
   (b) end to end: llmkit's harness vs lm_eval.simple_evaluate on local task YAMLs (task building included);
   (c) agreement: accuracy of both, and the fraction of items where both pick the same answer.
 The >= 500-item comparison of the issue is `--n 500 --skip-e2e` (tens of minutes on 2 CPU cores).
-Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 16] [--tasks hellaswag,arc_easy] [--skip-e2e]
+  (d) `--tasks mmlu_anatomy --fewshot 5 --skip-e2e`: 5-shot prompts whose demo prefix is shared by every item,
+      where llmkit also runs the batch's common prefix once (lm-eval already merges one-token continuations).
+Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 1,16] [--tasks hellaswag,arc_easy] [--skip-e2e]
+       [--fewshot K]
 """
 from __future__ import annotations
 
@@ -27,13 +30,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def requests_for(tasks, n):
-    from llmkit.eval.tasks import get_tasks
+def requests_for(tasks, n, k=0):
+    """(task, index, gold, requests) per item; k > 0 prepends the harness's k-shot prefix (MMLU: first k dev)."""
+    from llmkit.eval.harness import EvalConfig, demos_for
+    from llmkit.eval.tasks import fewshot_prefix, get_tasks
 
     out = []
     for t in get_tasks(tasks, SHARED):
+        pool = t.fewshot_docs() if k else []
         for i, d in enumerate(t.docs()[:n]):
-            out.append((t.name, i, t.gold_fn(d), t.requests(d)))
+            demos = demos_for(t, i, d, k, EvalConfig(), pool, getattr(t, "fewshot_loader", None) is None)
+            out.append((t.name, i, t.gold_fn(d), t.requests(d, fewshot_prefix(t, demos))))
     return out
 
 
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="hellaswag,arc_easy")
     ap.add_argument("--hf-batch", default="1,16", help="lm-eval HFLM batch size(s), comma-separated (its default is 1)")
     ap.add_argument("--skip-e2e", action="store_true", help="only the scoring comparison")
+    ap.add_argument("--fewshot", type=int, default=0, help="k-shot prompts (e.g. --tasks mmlu_anatomy --fewshot 5)")
     args = ap.parse_args()
 
     import torch
@@ -75,7 +83,7 @@ def main() -> None:
     hf, t_load_hf = timed(lambda: HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32",
                                        batch_size=batches[-1], device="cpu"))
     print(f"load: llmkit {t_load_ours:.1f}s, lm-eval/transformers {t_load_hf:.1f}s")
-    items = requests_for(args.tasks, args.n)
+    items = requests_for(args.tasks, args.n, args.fewshot)
     reqs = [r for *_, rs in items for r in rs]
     ours = LlmkitLM(model, tok)
     inst = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
