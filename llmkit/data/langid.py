@@ -43,7 +43,7 @@ def _langid_arrays() -> dict:
         atomic_write_bytes(path, buf.getvalue())
     with np.load(path, allow_pickle=False) as z:
         m = {k: z[k] for k in z.files}
-    m["nextmove"] = m["nextmove"].tolist()  # list indexing is the fastest in the byte loop
+    m["nextmove"] = m["nextmove"].tolist()
     # state -> feature indices as a dense (n_states, n_feats) incidence to turn state counts into features
     n_states = len(m["nextmove"]) // 256 + 1
     rows = np.repeat(m["out_states"], m["out_lens"])
@@ -56,49 +56,59 @@ def _model() -> dict:
     if _MODEL is None:
         _MODEL = _langid_arrays()
         _MODEL["nextmove_np"] = np.array(_MODEL["nextmove"], np.int64)
+        # CSR map state -> its output features (state_rows is sorted by state)
+        _MODEL["state_ptr"] = np.searchsorted(_MODEL["state_rows"], np.arange(_MODEL["n_states"] + 1))
+        _MODEL["state_out"] = _MODEL["state_cols"]
+        _MODEL["ptc64"] = _MODEL["ptc"].astype(np.float64)
     return _MODEL
 
 
 def langid_classify(text: str) -> tuple[str, float]:
-    """langid.py's classifier (same features, same naive Bayes, normalised probability), faster:
-    the feature vector is sparse, so only its non-zero rows of the model are multiplied."""
-    m = _model()
-    nm, state, seen = m["nextmove"], 0, []
-    for byte in text.encode("utf-8"):
-        state = nm[(state << 8) + byte]
-        seen.append(state)
-    return _decide(m, np.array(seen, np.int64))
+    """langid.py's classifier: same byte n-gram features, same naive Bayes, normalised probability."""
+    return langid_classify_batch([text])[0]
+
+
+_BATCH = 256  # texts per vectorised block: a (~2000 x 256) int64 state matrix
 
 
 def langid_classify_batch(texts: list[str]) -> list[tuple[str, float]]:
-    """The same classifier for many texts at once: the byte automaton steps all texts together, one
-    numpy operation per byte position instead of one Python step per byte per text."""
+    """The classifier for many texts at once: the byte automaton steps all texts together (one numpy
+    operation per byte position), features and class scores are matrix products for the block."""
     m = _model()
-    data = [t.encode("utf-8") for t in texts]
-    if not data:
-        return []
+    out: list[tuple[str, float]] = []
+    for start in range(0, len(texts), _BATCH):
+        out += _classify_block(m, [t.encode("utf-8") for t in texts[start: start + _BATCH]])
+    return out
+
+
+def _classify_block(m: dict, data: list[bytes]) -> list[tuple[str, float]]:
+    n = len(data)
     lens = np.array([len(b) for b in data])
-    width = int(lens.max())
-    buf = np.zeros((len(data), width), np.int64)
+    width = max(int(lens.max()), 1)
+    buf = np.zeros((width, n), np.int64)  # time-major: each step reads one contiguous row
     for i, b in enumerate(data):
-        buf[i, : len(b)] = np.frombuffer(b, np.uint8)
-    nm, state = m["nextmove_np"], np.zeros(len(data), np.int64)
-    seen = np.empty((len(data), width), np.int64)
-    for t in range(width):  # past a text's end its state is not used (sliced off below)
-        state = nm[(state << 8) + buf[:, t]]
-        seen[:, t] = state
-    return [_decide(m, seen[i, : lens[i]]) for i in range(len(data))]
+        buf[: len(b), i] = np.frombuffer(b, np.uint8)
+    nm, state = m["nextmove_np"], np.zeros(n, np.int64)
+    seen = np.empty((width, n), np.int64)
+    for t in range(width):
+        state = nm[(state << 8) + buf[t]]
+        seen[t] = state
+    return [_decide(m, seen[: lens[i], i]) for i in range(n)]
 
 
 def _decide(m: dict, seen: np.ndarray) -> tuple[str, float]:
-    counts = np.bincount(seen, minlength=m["n_states"])
-    fv = np.bincount(m["state_cols"], counts[m["state_rows"]], len(m["ptc"]))
-    nz = np.flatnonzero(fv)
-    pd = fv[nz] @ m["ptc"][nz].astype(np.float64) + m["pc"]
-    with np.errstate(over="ignore"):
-        probs = 1 / np.exp(pd[None, :] - pd[:, None]).sum(1)
-    best = int(np.argmax(probs))
-    return str(m["classes"][best]), float(probs[best])
+    """Naive Bayes on the sparse feature vector: only the states a text visited are touched."""
+    states, counts = np.unique(seen, return_counts=True)
+    starts, ends = m["state_ptr"][states], m["state_ptr"][states + 1]
+    n_out = ends - starts
+    if n_out.sum() == 0:
+        pd = m["pc"].astype(np.float64)
+    else:  # concatenated ranges [start, end) of the visited states' outputs
+        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(n_out)[:-1]]), n_out) + np.arange(n_out.sum())
+        pd = np.repeat(counts, n_out).astype(np.float64) @ m["ptc64"][m["state_out"][idx]] + m["pc"]
+    best = int(pd.argmax())
+    # langid's norm_probs for the best class: 1 / sum_j exp(pd_j - pd_best) (no overflow: all <= 0)
+    return str(m["classes"][best]), float(1 / np.exp(pd - pd[best]).sum())
 
 
 class LanguageID(Stage):
