@@ -77,6 +77,21 @@ def tokenize_pair(tokenizer, prompt: str, response: str, eos_id: int | None = No
     return {"input_ids": ids, "labels": labels}
 
 
+def lm_example(ids: list[int]) -> dict:
+    """A pre-training document mixed into instruction tuning (OPT-IML): every token carries loss."""
+    return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def mix_pretraining(instruct: list[dict], documents: list[list[int]], ratio: float, seed: int = 0) -> list[dict]:
+    """Instruction examples plus round(ratio * len(instruct)) pre-training documents, shuffled together."""
+    rng = random.Random(seed)
+    n = round(ratio * len(instruct))
+    docs = [lm_example(documents[rng.randrange(len(documents))]) for _ in range(n)] if n else []
+    out = list(instruct) + docs
+    rng.shuffle(out)
+    return out
+
+
 def pack(examples: list[dict], seq_len: int) -> list[list[dict]]:
     """First-fit-decreasing bins of examples whose lengths sum to <= seq_len."""
     bins: list[list[dict]] = []

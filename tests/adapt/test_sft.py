@@ -205,3 +205,16 @@ def test_sft_trains_through_the_trainer(tiny, tmp_path):
     first = Trainer(tiny, cfg, iter(loader)).train_step([next(iter(loader))])[0]
     final = Trainer(tiny, cfg, loader, out_dir=tmp_path).fit()
     assert final["loss"] < 0.8 * first, (first, final["loss"])
+
+
+def test_mixing_pretraining_documents_masks_and_ratio(tok):
+    it = [sft.tokenize_chat(tok, CHAT[:3]) for _ in range(40)]
+    docs = [tok.encode("the quick brown fox jumps over the lazy dog")]
+    mixed = sft.mix_pretraining(it, docs, ratio=0.25, seed=0)
+    lm = [e for e in mixed if e["labels"] == e["input_ids"]]
+    assert len(mixed) == 50 and len(lm) == 10  # exact ratio
+    for e in mixed:
+        if e in lm:
+            assert IGNORE not in e["labels"]
+        else:
+            assert IGNORE in e["labels"] and any(l != IGNORE for l in e["labels"])
