@@ -24,8 +24,8 @@ _NOSPACE = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
 WORD_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+(?:['’][^\s{_NOSPACE}\p{{P}}\p{{S}}]+)*")
 # Word tokens plus punctuation/symbol tokens ("..." kept whole), as word tokenizers emit them (spaCy/nltk);
 # contractions split like spaCy's ("i'll" -> "i", "'ll"), punctuation one token per run of one character
-# ('!"' -> '!', '"'; "..." whole; WikiText's "@-@" whole), so alphabetic-token ratios agree with datatrove's
-TOKEN_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+|['’]\p{{L}}+|@[-.,]@|…|([\p{{P}}\p{{S}}])\1*")
+# ('!"' -> '!', '"'; runs such as "..." or "==" whole; WikiText's "@-@" whole), so alphabetic-token ratios agree with datatrove's
+TOKEN_RE = regex.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}\p{{P}}\p{{S}}]+|['’]\p{{L}}+|@[-.,]@|…|\.{{2,}}|-{{2,}}|={{2,}}|\*{{2,}}|#{{2,}}|_{{2,}}|[\p{{P}}\p{{S}}]")
 # A sentence ends at . ! ? (and their CJK forms) followed by space or end; keeps the terminator.
 SENT_RE = regex.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+['\"”’)\]]*|$)")
 _PUNCT_RE = regex.compile(r"[\p{P}\p{S}]+")
@@ -91,7 +91,7 @@ _LAST_TOKENS: list = [None, []]
 def split_tokens(text: str) -> list[str]:
     """Words and punctuation/symbol tokens (what Gopher's rules count, as datatrove's spaCy tokens)."""
     if _LAST_TOKENS[0] is not text:
-        _LAST_TOKENS[0], _LAST_TOKENS[1] = text, [m.group() for m in TOKEN_RE.finditer(text)]
+        _LAST_TOKENS[0], _LAST_TOKENS[1] = text, TOKEN_RE.findall(text)
     return list(_LAST_TOKENS[1])
 
 

@@ -188,8 +188,8 @@ class GopherRepetition(Stage):
         s = {"dup_para_frac": pn / max(len(paras), 1), "dup_para_char_frac": pc / total,
              "dup_line_frac": ln / max(len(lines), 1), "dup_line_char_frac": lc / total}
         words = split_tokens(text)  # n-grams over tokens, punctuation included, as datatrove's
-        vocab: dict[str, int] = {}
-        ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in words], np.uint64)
+        # word ids only need to be equal for equal words within this document: the builtin str hash
+        ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
         cum = np.concatenate([[0], np.cumsum([len(w) for w in words], dtype=np.int64)])
         for n in self.top_ngrams:
             s[f"top_{n}gram"] = _top_ngram_chars(_ngram_hashes(ids, n), n, cum) / total
