@@ -131,3 +131,15 @@ def test_saved_tokenizer_loads_in_transformers(ours, ref, tmp_path):
     chat = [{"role": "user", "content": "Hello"}]
     assert saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(chat)
     assert saved.eos_token == "<|im_end|>"
+
+
+def test_token_ids_match_llama_cpp(ours):
+    """A second reference: llama.cpp's own tokenizer on the same GGUF (vocabulary only, no weights)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, tok = ours
+    llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m-instruct")), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS + ["a1b22c333 2024-11-29", "x=12345678"]:
+            assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
+    finally:
+        llm.close()
