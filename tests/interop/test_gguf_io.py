@@ -128,3 +128,14 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers_and_llama_cpp(spm):
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True) == ours.encode(text, add_special_tokens=True), text
+
+
+@torch.no_grad()
+def test_float16_gguf(tiny, tmp_path):
+    model, tok, _ = tiny
+    path = write_gguf(tmp_path / "h.gguf", model, tok, dtype="float16")
+    back, _ = llmkit.load(path)
+    half = Transformer(model.cfg).eval()
+    half.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # what f16 storage keeps
+    ids = torch.tensor([tok.encode(TEXTS[1])])
+    assert torch.allclose(back(ids), half(ids), atol=1e-5)
