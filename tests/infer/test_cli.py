@@ -61,3 +61,16 @@ def test_chat_through_a_pipe(ckpt):
                        input="hi\n/reset\nbye\n", capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") >= 3 and "[conversation reset]" in r.stdout
+
+
+def test_chat_demo_streams_turns_and_reports_speed():
+    import io as _io
+
+    from llmkit.infer.demo import run_chat_demo
+
+    buf = _io.StringIO()
+    res = run_chat_demo(tiny_model("llama_gqa"), tiny_tokenizer(), max_new_tokens=4, out=buf)
+    text = buf.getvalue()
+    assert text.count("user>") == 3 and "tokens/s" in text
+    assert len(res["turns"]) == 3 and res["decode_tok_per_s"] > 0
+    assert all(t in text for t in res["turns"])
