@@ -177,9 +177,13 @@ class LlmkitLM(TokenLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         batch: list[tuple[int, ...]] = []
         for ctx in order:
-            rows = sum(len(groups[c]) for c in batch) + len(groups[ctx])
-            longest = max([len(c) + max(len(pairs[i][1]) for i in groups[c]) for c in batch + [ctx]])
-            if batch and rows * longest > self.batch_tokens:
+            cand = batch + [ctx]
+            n_rows = sum(len(groups[c]) for c in cand)
+            L = max(len(c) for c in cand)
+            C = max(len(pairs[i][1]) for c in cand for i in groups[c])
+            # work: every context once (padded) + every continuation; memory: the fanned-out cache
+            work, cache_rows = len(cand) * L + n_rows * C, n_rows * (L + C)
+            if batch and (work > self.batch_tokens or cache_rows > 8 * self.batch_tokens):
                 self._score_groups(batch, groups, pairs, results)
                 batch = []
             batch.append(ctx)
