@@ -69,11 +69,10 @@ def demos_for(task: Task, doc_index: int, doc: dict, k: int, cfg: EvalConfig, po
     method = cfg.fewshot_select
     if method == "default":
         method = "first" if task.group == "mmlu" else "random"
-    key = (id(task), id(pool))
-    if key not in _POOL_TEXTS:  # one pass per task, not per query
-        _POOL_TEXTS.clear()
-        _POOL_TEXTS[key] = [task.doc_to_text(d) for d in pool]
-    texts = _POOL_TEXTS[key]
+    if _POOL_TEXTS.get("task") is not task or _POOL_TEXTS.get("pool") is not pool:  # once per task, not per query
+        # holding the objects themselves (not their ids) rules out a stale hit on a recycled id
+        _POOL_TEXTS.update(task=task, pool=pool, texts=[task.doc_to_text(d) for d in pool])
+    texts = _POOL_TEXTS["texts"]
     query = task.doc_to_text(doc)
     idx = icl.select(texts, query, k, method, seed=cfg.seed + doc_index, exclude=doc_index if same_pool else None)
     idx = icl.order(idx, texts, query, cfg.fewshot_order, seed=cfg.seed + doc_index)
