@@ -43,7 +43,9 @@ def llmkit_sft(model, rows, batch, steps) -> float:
     data = ({"input_ids": torch.tensor(rows[:batch]), "labels": torch.tensor(rows[:batch])} for _ in iter(int, 1))
     cfg = TrainConfig(max_steps=1, micro_batch_size=batch, seq_len=len(rows[0]), lr=1e-4, warmup_steps=0, weight_decay=0.0,
                       progress=False, tensorboard=False, device="cpu", log_every=1000)
-    tr = Trainer(model, cfg, data)
+    from llmkit.adapt.logprobs import sft_loss
+
+    tr = Trainer(model, cfg, data, loss_fn=sft_loss)  # what `llmkit sft` uses
     tr.fit()  # warm-up step
     tr.cfg.max_steps = 1 + steps
     t = time.perf_counter()
@@ -116,7 +118,11 @@ def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
                      report_to=[], use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", beta=0.1,
                      dataloader_num_workers=0, weight_decay=0.0, lr_scheduler_type="constant", max_length=None)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
-    tr = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    class PreTokenized(DPOTrainer):  # the rows are token ids already: skip TRL's text extraction/tokenisation
+        def _prepare_dataset(self, dataset, *a, **k):
+            return dataset
+
+    tr = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     timer = _Timer()
     tr.add_callback(type("CB", (transformers.TrainerCallback,), {"on_step_end": lambda self, *a, **k: timer()})())
     tr.train()

@@ -95,7 +95,9 @@ def build(stage: str, recipe: dict, model, tok, cfg) -> dict:
     if stage == "sft":
         pl.apply_peft(model, recipe.get("peft"))
         train, val, files = pl.sft_data(recipe, tok, cfg)
-        return {"model": model, "policy": model, "data": train, "val": val, "loss_fn": None, "files": files}
+        from .logprobs import sft_loss
+
+        return {"model": model, "policy": model, "data": train, "val": val, "loss_fn": sft_loss, "files": files}
     if stage in ("rm", "dpo"):
         pairs, files = pl.preference_pairs(recipe.get("data") or {}, recipe, tok)
         tr, va = pl.split(pairs, (recipe.get("data") or {}).get("val_fraction", 0.1), cfg.seed)

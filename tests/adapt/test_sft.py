@@ -84,11 +84,15 @@ def test_packed_losses_equal_unpacked(tiny):
         lu = sorted(sft.per_example_losses(tiny, unpacked))
     assert len(lp) == len(exs)
     torch.testing.assert_close(torch.tensor(lp), torch.tensor(lu), atol=1e-5, rtol=1e-5)
-    # the trainer's token-mean loss over the same examples is equal too
+    # the trainer's token-mean loss over the same examples is equal too, and so is our head-on-labels-only loss
+    from llmkit.adapt.logprobs import sft_loss
     from llmkit.train.objectives import lm_loss
 
     with torch.no_grad():
-        torch.testing.assert_close(lm_loss(tiny, packed)[0], lm_loss(tiny, unpacked)[0], atol=1e-5, rtol=1e-5)
+        ref = lm_loss(tiny, unpacked)[0]
+        torch.testing.assert_close(lm_loss(tiny, packed)[0], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sft_loss(tiny, packed)[0], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sft_loss(tiny, unpacked)[0], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_loader_resumes_exactly():
