@@ -88,11 +88,15 @@ def _greedy_ours(model, ids: list[int], n: int) -> list[int]:
 
 @torch.no_grad()
 def _greedy_hf(hf, ids: list[int], n: int) -> list[int]:
+    import inspect
+
+    # transformers 5 renamed past_key_values to cache (argument and output); older versions know only the former
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     res = hf(torch.tensor([ids]), use_cache=True)
     out = list(ids)
     for _ in range(n):
         out.append(int(res.logits[0, -1].argmax()))
-        res = hf(torch.tensor([out[-1:]]), past_key_values=res.past_key_values, use_cache=True)
+        res = hf(torch.tensor([out[-1:]]), use_cache=True, **{name: getattr(res, name)})
     return out
 
 
