@@ -92,8 +92,9 @@ class Trainer:
         self.recipe = recipe
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.raw_model)
-        self.params = [p for _, p in named_trainable(self.raw_model, params)]
         self.model = dist.wrap(self.raw_model) if dist is not None and hasattr(dist, "wrap") else self.raw_model
+        # after wrapping: FSDP2 swaps parameters for sharded DTensors in place
+        self.params = [p for _, p in named_trainable(self.raw_model, params)]
         self.optimizer = build_optimizer(self.raw_model, cfg, params)
         if cfg.compile:
             self.model = torch.compile(self.model)

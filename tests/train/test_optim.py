@@ -83,7 +83,7 @@ def _quadratic(opt_fn, steps=300):
         loss = ((w - target) ** 2).sum()
         loss.backward()
         opt.step()
-    return start, float(((w - target) ** 2).sum())
+    return start, float(((w.detach() - target) ** 2).sum())
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "muon"])
