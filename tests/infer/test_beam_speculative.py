@@ -70,6 +70,7 @@ def test_accept_reject_preserves_target_distribution():
     assert (n_acc > 0).float().mean().item() == pytest.approx(float(torch.minimum(p[0], q[0]).sum()), abs=0.03)
 
 
+@pytest.mark.slow  # 2000 draws of ~4 tiny forward passes: ~10 s of CPU
 def test_speculative_sampling_matches_target_distribution():
     """Joint law of the first two sampled tokens, speculative vs the target's exact law (tiny vocab)."""
     V = 6
