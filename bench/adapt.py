@@ -129,12 +129,17 @@ def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
     return steps * 2 * batch * len(rows[0]) / (timer.stamps[-1] - timer.stamps[0])
 
 
-def memory_child(mode: str, batch: int, seq: int, steps: int) -> None:
-    """Run in a subprocess: peak RSS (MiB) of `steps` LoRA or full fine-tuning steps, printed as JSON."""
-    import llmkit
-    from llmkit.adapt.peft import apply_lora
+def memory_child(mode: str, batch: int, seq: int, steps: int, ckpt: str) -> None:
+    """Run in a subprocess: peak RSS (MiB) of `steps` LoRA or full fine-tuning steps, printed as JSON. The model
+    comes from a safetensors checkpoint (GGUF dequantisation would set a higher peak than training)."""
+    from safetensors.torch import load_file
 
-    model, _ = llmkit.load("smollm2-135m-instruct")
+    from llmkit.adapt.peft import apply_lora
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.transformer import Transformer
+
+    model = Transformer(ModelConfig.load(Path(ckpt) / "config.json"))
+    model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")), strict=False)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if mode == "lora":
         apply_lora(model, 16, 32, 0.0, TARGETS)
@@ -158,10 +163,11 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--only", default="sft,dpo,memory")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child:
-        memory_child(args.memory_child, args.batch, args.seq, 2)
+        memory_child(args.memory_child, args.batch, args.seq, 2, args.ckpt)
         return 0
     import llmkit
     from llmkit.interop.hf import save_hf
@@ -185,10 +191,14 @@ def main() -> int:
         theirs = trl_dpo(hf_dir, rows, args.batch, args.steps, args.seq // 4)
         print(f"DPO  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
     if "memory" in only:
+        from llmkit.interop.checkpoint import save_checkpoint
+
+        ckpt = tempfile.mkdtemp(prefix="llmkit-bench-ckpt-")
+        save_checkpoint(ckpt, model, tok)
         res = {}
         for mode in ("lora", "full"):
             out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--batch", str(args.batch),
-                                  "--seq", str(args.seq)], capture_output=True, text=True, check=True)
+                                  "--seq", str(args.seq), "--ckpt", ckpt], capture_output=True, text=True, check=True)
             res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         for mode, r in res.items():
             print(f"peak RSS {mode:<4} {r['peak_rss_mib']:7.0f} MiB (model loaded: {r['after_load_mib']:.0f} MiB, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..train.config import RECIPE_DIR, TrainConfig, parse_value

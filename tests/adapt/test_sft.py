@@ -1,6 +1,5 @@
 """SFT data: role masks, packing = unpacked, templates, mixing, stages, Self-Instruct filter, selection; resumable loader."""
 import math
-import random
 
 import pytest
 import torch
