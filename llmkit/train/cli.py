@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if recipe.data.get("kind") == "texts" and not args.resume:  # the demo recipe: stdlib corpus + BPE (llmkit.train.demo)
+        from .demo import run
+
+        run(out, overrides=args.overrides)
+        return 0
     dist = maybe_dist(recipe)
     trainer, tokenizer = build_run(recipe, out, dist=dist)
     atomic_write_json(out / "recipe.json", recipe.to_dict())
