@@ -177,17 +177,21 @@ def test_qat_4bit_recovers_more_than_ptq():
         return {"input_ids": ids[:, :-1], "labels": labels[:, 1:]}
 
     def acc(m):
-        b = batch(128)
+        """(accuracy, cross-entropy) on the looked-up tokens of a fixed evaluation batch."""
+        b = eval_batch
         with torch.no_grad():
-            pred = m(b["input_ids"]).argmax(-1)
+            logits = m(b["input_ids"])
         sel = b["labels"] != -100
-        return (pred[sel] == b["labels"][sel]).float().mean().item()
+        ce = torch.nn.functional.cross_entropy(logits[sel], b["labels"][sel]).item()
+        return (logits.argmax(-1)[sel] == b["labels"][sel]).float().mean().item(), ce
 
+    eval_batch = batch(128)
     model = _model(64, d=48)
     Trainer(model, _cfg(150, 3e-3), (batch() for _ in iter(int, 1))).fit()
     fp = acc(model)
-    ptq_acc = acc(qz.quantize_model(copy.deepcopy(model), bits=4, skip=("lm_head",)))
+    ptq = acc(qz.quantize_model(copy.deepcopy(model), bits=4, skip=("lm_head",)))
     qat = qz.prepare_qat(copy.deepcopy(model), w_bits=4)
     Trainer(qat, _cfg(40, 1e-3), (batch() for _ in iter(int, 1))).fit()
-    qat_acc = acc(qz.convert_qat(qat))
-    assert fp > 0.9 and qat_acc > ptq_acc, (fp, ptq_acc, qat_acc)
+    after = acc(qz.convert_qat(qat))
+    # accuracy saturates on this task, so compare the loss: QAT's real 4-bit model is closer to (or past) fp
+    assert fp[0] > 0.9 and after[0] >= ptq[0] and after[1] < ptq[1], (fp, ptq, after)
