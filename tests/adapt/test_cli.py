@@ -99,3 +99,14 @@ def test_recipe_errors(tmp_path):
     p.write_text("base: x\nbogus: 1\n")
     assert cli.sft_main(["--config", str(p)]) == 2
     assert cli.sft_main(["--config", "no-such-recipe"]) == 2
+
+
+def test_demo_hook_runs(tmp_path, base, capsys):
+    import llmkit
+    from llmkit.adapt import demo
+
+    model, tok = llmkit.load(base)
+    out = demo.run(model, tok, tmp_path / "demo", sft_steps=3, grpo_steps=1, budget_s=60)
+    assert out[0] is model
+    text = capsys.readouterr().out
+    assert "before: exact-match accuracy" in text and "after SFT" in text and "adaptation: held-out accuracy" in text
