@@ -25,6 +25,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/decode.py
+	$(PY) bench/pretrain.py
+	$(PY) bench/data.py --mb 50 --peer-mb 2
+	$(PY) bench/tokenizer.py
+	$(PY) bench/adapt.py
+	$(PY) bench/eval.py --n 40
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
