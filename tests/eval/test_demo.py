@@ -3,7 +3,7 @@ from llmkit.eval.demo import run
 
 
 def test_demo_table_and_files(tiny, tmp_path):
-    from conftest import tiny_model
+    from eval_util import tiny_model
 
     model, tok = tiny
     models = {"tiny-a": (model, tok), "tiny-b": (tiny_model(tok.vocab_size, seed=1, d_model=64), tok)}

@@ -84,7 +84,7 @@ def test_cli_writes_results_samples_report_and_plot(tiny, shared_data, tmp_path,
     model, tok = tiny
     ck1, ck2 = tmp_path / "m1", tmp_path / "m2"
     save_checkpoint(ck1, model, tok)
-    from conftest import tiny_model
+    from eval_util import tiny_model
 
     save_checkpoint(ck2, tiny_model(tok.vocab_size, seed=1, d_model=64), tok)
     out = tmp_path / "out"
