@@ -16,7 +16,7 @@ import random
 import torch
 
 from .ppo import kl_estimate, reference_logps
-from .rollout import Rollout, completion_logps, sample
+from .rollout import Rollout, SeededRollouts, completion_logps, sample
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch.Tensor:
@@ -52,7 +52,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta: float = 0.04,
     return loss, mean_kl
 
 
-class GRPORollouts:
+class GRPORollouts(SeededRollouts):
     """Infinite iterable of GRPO batches. `reward_fn(prompts, completions) -> list[float]`."""
 
     def __init__(self, model, prompts: list, reward_fn, ref_model=None, *, eos_id, pad_id=0, prompts_per_step: int = 4,
@@ -69,18 +69,6 @@ class GRPORollouts:
     @staticmethod
     def _ids(p) -> list[int]:
         return p["prompt_ids"] if isinstance(p, dict) else p
-
-    def state_dict(self) -> dict:
-        """Rollouts are re-seeded per call, so a resumed run draws the same prompts and samples."""
-        return {"calls": self.calls}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.calls = s["calls"]
-
-    def _reseed(self) -> None:
-        self.rng = random.Random(self.seed * 1_000_003 + self.calls)
-        self.gen.manual_seed(self.seed * 1_000_003 + self.calls)
-        self.calls += 1
 
     @torch.no_grad()
     def make_batch(self) -> dict:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .logprobs import lm_loss
 from .peft import lora_disabled, lora_modules
-from .rollout import Rollout, completion_logps, sample
+from .rollout import Rollout, SeededRollouts, completion_logps, sample
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -116,7 +116,7 @@ def reference_logps(policy, ref_model, r: Rollout) -> torch.Tensor:
         return completion_logps(m, r)
 
 
-class PPORollouts:
+class PPORollouts(SeededRollouts):
     """Infinite iterable of PPO minibatches; `score_fn(prompts, completions) -> tensor [B]` is a reward model or a
     verifiable reward. `prompts` are token-id lists or dicts with prompt_ids (passed to score_fn whole); `stats` keeps the last rollout's figures."""
 
@@ -133,18 +133,6 @@ class PPORollouts:
         self.seed, self.calls = seed, 0
         self.rng, self.gen = random.Random(seed), torch.Generator(device="cpu")
         self.stats: dict = {}
-
-    def state_dict(self) -> dict:
-        """Rollouts are re-seeded per call, so a resumed run draws the same prompts and samples."""
-        return {"calls": self.calls}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.calls = s["calls"]
-
-    def _reseed(self) -> None:
-        self.rng = random.Random(self.seed * 1_000_003 + self.calls)
-        self.gen.manual_seed(self.seed * 1_000_003 + self.calls)
-        self.calls += 1
 
     @torch.no_grad()
     def make_batch(self) -> dict:

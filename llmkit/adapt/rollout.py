@@ -12,6 +12,7 @@ Implements:
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -122,3 +123,20 @@ def rejection_sample(model, prompts: list[list[int]], n: int, reward_fn, thresho
         if rew >= threshold:
             kept.append({"prompt_ids": p, "completion_ids": comp, "reward": rew})
     return kept
+
+
+class SeededRollouts:
+    """Base of the PPO/GRPO rollout sources (the Trainer's data): state is the call count, and every call
+    re-seeds its own RNGs from (seed, calls), so a resumed run draws the same prompts and samples.
+    Subclasses set `seed`, `calls`, `rng` and `gen` (a torch.Generator)."""
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.calls = s["calls"]
+
+    def _reseed(self) -> None:
+        self.rng = random.Random(self.seed * 1_000_003 + self.calls)
+        self.gen.manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
