@@ -30,7 +30,9 @@ def build_run(recipe, out_dir: Path, *, texts=None, tokenizer=None, dist=None):
 
     cfg = recipe.train_config()
     torch.manual_seed(cfg.seed)
-    rank, world = getattr(dist, "rank", 0), getattr(dist, "world_size", 1)
+    # data-parallel coordinates: tensor-parallel peers read the same batch
+    rank = getattr(dist, "dp_rank", getattr(dist, "rank", 0))
+    world = getattr(dist, "dp_world", getattr(dist, "world_size", 1))
     base = Path(recipe.path).parent if recipe.path else None
     train, val, tokenizer = build_data(recipe.data, cfg, texts=texts, tokenizer=tokenizer, rank=rank,
                                        world_size=world, base_dir=base)

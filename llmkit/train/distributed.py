@@ -242,6 +242,22 @@ class TorchDist:
             dist.barrier()
 
 
+def setup_from_env(recipe=None) -> TorchDist:
+    """The `dist` of `llmkit pretrain` under torchrun. Strategy and TP degree come from the environment
+    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp, default ddp; LLMKIT_TP=N; LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe
+    runs unchanged on one process or many."""
+    strategy = os.environ.get("LLMKIT_DIST", "ddp")
+    if strategy != "ddp":
+        # The Trainer's checkpoints are full safetensors written by rank 0; sharded (DTensor) optimizer state
+        # is not gathered into them yet. FSDP2/TP train through the Trainer API with out_dir=None and save
+        # with save_distributed (DCP) -- see tests/train/test_distributed.py.
+        raise SystemExit(f"llmkit pretrain under torchrun supports LLMKIT_DIST=ddp for now (got {strategy!r}); "
+                         "FSDP2/TP runs: use llmkit.train.distributed from Python with save_distributed checkpoints")
+    cfg = DistConfig(strategy=strategy, tp=int(os.environ.get("LLMKIT_TP", "2" if "tp" in strategy else "1")),
+                     cpu_offload=os.environ.get("LLMKIT_FSDP_CPU_OFFLOAD", "0") == "1")
+    return TorchDist(cfg)
+
+
 class _ResyncOnExit:
     def __init__(self, model):
         self.model = model
