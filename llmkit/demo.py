@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     t_all = time.time()
-    clean_texts = None  # the pre-training demo reads the stdlib source itself (code is not cleaned as prose)
     small = None  # (model, tokenizer) of the pre-trained demo model
 
     if "data" not in skip:
@@ -43,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = _section("2-3. Tokenizer and pre-training (survey §4.1.2, §4.3): a small Llama-style model")
         from .train import demo as train_demo
 
-        run_dir = train_demo.run(out / "pretrain", corpus_texts=clean_texts)
+        # the pre-training corpus is the stdlib source itself: code is not cleaned with prose filters
+        run_dir = train_demo.run(out / "pretrain")
         from . import load
         from .train.checkpoint import latest_checkpoint
 

@@ -31,7 +31,13 @@ ROPE_SCALINGS = ("linear", "ntk", "yarn", "llama3")
 
 
 class ConfigError(ValueError):
-    """A model configuration that cannot be built; the message says which field to change."""
+    """A configuration that cannot be built; the message says which field to change."""
+
+
+def check_choice(obj: Any, name: str, options: tuple, prefix: str = "") -> None:
+    """Raise ConfigError naming the field and its valid values when obj.name is not one of them."""
+    if getattr(obj, name) not in options:
+        raise ConfigError(f"{prefix}{name}={getattr(obj, name)!r} is unknown; choose one of {list(options)}")
 
 
 @dataclass
@@ -115,15 +121,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        def choose(name: str, options: tuple) -> None:
-            if getattr(self, name) not in options:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {list(options)}")
-
-        choose("arch", ARCHS)
-        choose("norm", NORMS)
-        choose("norm_position", NORM_POSITIONS)
-        choose("pos", POSITIONS)
-        choose("activation", ACTIVATIONS)
+        for name, options in (("arch", ARCHS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
+                              ("pos", POSITIONS), ("activation", ACTIVATIONS)):
+            check_choice(self, name, options)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.pos == "rope" and int(self.head_dim * self.rope_fraction) % 2:

@@ -178,8 +178,6 @@ class Transformer(nn.Module):
             positions = slots.expand(B, T)
         if isinstance(prefix_len, int):
             prefix_len = torch.full((B,), prefix_len, device=dev)
-        if cfg.arch == "prefix_decoder" and prefix_len is None:
-            prefix_len = None  # no prefix given: behaves as a causal decoder
         x = self._embed(input_ids, positions, getattr(self, "pos_embed", None))
 
         bias = None

@@ -84,13 +84,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def choose(name: str, options: tuple) -> None:
-            if getattr(self, name) not in options:
-                raise ValueError(f"train.{name}={getattr(self, name)!r} is unknown; choose one of {list(options)}")
+        from ..model.config import check_choice  # ConfigError is a ValueError, as callers expect
 
-        choose("optimizer", OPTIMIZERS)
-        choose("schedule", SCHEDULES)
-        choose("dtype", DTYPES)
+        for name, options in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
+            check_choice(self, name, options, prefix="train.")
         bs = self.global_batch
         if bs % self.micro_batch_size:
             raise ValueError(f"train.batch_size={bs} must be a multiple of train.micro_batch_size={self.micro_batch_size}")

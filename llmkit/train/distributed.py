@@ -84,8 +84,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
         raise ValueError(f"tensor parallelism needs n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} divisible by tp={n}")
     if cfg.n_experts:
         raise ValueError("tensor parallelism of MoE layers is not supported; use fsdp or ddp")
-    if cfg.attn_softcap is not None:
-        pass  # the manual path also reads local head counts from tensor shapes
     for blk in model.layers:
         plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel()}
         if blk.mlp.gate is not None:
