@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .native import NativeStep, linear_fn
 from .quant import Int4Linear, Int8Linear
 
 
@@ -55,7 +56,7 @@ def _rotate_half_matrix(hd: int) -> torch.Tensor:
 
 
 class FastDecoder:
-    def __init__(self, model, quantize: str | None = None, group_size: int = 32):
+    def __init__(self, model, quantize: str | None = None, group_size: int = 32, native: bool = True):
         cfg = model.cfg
         check_supported(cfg)
         self.model, self.cfg, self.quantize = model, cfg, quantize
@@ -63,10 +64,23 @@ class FastDecoder:
         self.h, self.kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd ** -0.5
         self.group_size = group_size
-        self.layers = [self._layer(blk) for blk in model.layers]
-        self.final_norm = self._norm(model.norm)
+        raws = [self._raw(blk) for blk in model.layers]
         head_w = model.lm_head.weight if model.lm_head is not None else model.embed.weight
-        self.head = self._linear(head_w, getattr(model.lm_head, "bias", None))
+        head_b = getattr(model.lm_head, "bias", None)
+        # the native one-call step (native.py) for batch-1 decoding; int4 there is Q4_1 with group 32
+        kind = quantize or {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(model.dtype)
+        use_native = native and kind is not None and (quantize != "int4" or group_size == 32)
+        self.native = NativeStep.build(model, raws, head_w.detach(), head_b, kind) if use_native else None
+        if self.native is not None and quantize:
+            # prompts go through the same quantised weights (no second quantised copy)
+            nat = self.native.linears
+            self.layers = [{**r, **{k: linear_fn(nat["layers"][i][k]) for k in ("qkv", "o", "up", "down")}}
+                           for i, r in enumerate(raws)]
+            self.head = linear_fn(nat["head"])
+        else:
+            self.layers = [{**r, **{k: self._linear(*r[k]) for k in ("qkv", "o", "up", "down")}} for r in raws]
+            self.head = self._linear(head_w, head_b)
+        self.final_norm = self._norm(model.norm)
         self.P = _rotate_half_matrix(self.hd).to(model.device) if cfg.pos == "rope" else None
 
     # ------------------------------------------------------------------ building
@@ -83,8 +97,8 @@ class FastDecoder:
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return partial(F.linear, weight=w.detach(), bias=b)
 
-    def _fuse(self, mods: list[nn.Linear]):
-        """One matmul for several linears on the same input; in float the originals become views of it."""
+    def _fuse(self, mods: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One weight for several linears on the same input; in float the originals become views of it."""
         w = torch.cat([m.weight.detach() for m in mods])
         b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
         if self.quantize is None:
@@ -95,7 +109,7 @@ class FastDecoder:
                 if b is not None:
                     m.bias = nn.Parameter(b[start:start + n], requires_grad=False)
                 start += n
-        return self._linear(w, b)
+        return w, b
 
     def _norm(self, norm):
         w = norm.weight.detach().float() + norm.offset if norm.offset else norm.weight.detach()
@@ -105,17 +119,19 @@ class FastDecoder:
             return partial(F.layer_norm, normalized_shape=(w.shape[0],), weight=w, bias=b, eps=norm.eps)
         return partial(F.rms_norm, normalized_shape=(w.shape[0],), weight=w, eps=norm.eps)
 
-    def _layer(self, blk) -> dict:
+    def _raw(self, blk) -> dict:
+        """The layer's float weights, (w, b) per fused matmul, and its norms and activation."""
         a, m = blk.attn, blk.mlp
         if not all(isinstance(x, nn.Linear) for x in (a.q, a.k, a.v, a.o, m.up, m.down)):
             raise Unsupported("build the fast path from float weights (before quantize_model); pass quantize= here")
         return {
             "attn_norm": self._norm(blk.attn_norm),
             "qkv": self._fuse([a.q, a.k, a.v]),
-            "o": self._linear(a.o.weight, a.o.bias),
+            "o": (a.o.weight.detach(), None if a.o.bias is None else a.o.bias.detach()),
             "mlp_norm": None if blk.mlp_norm is None else self._norm(blk.mlp_norm),
-            "up": self._fuse([m.gate, m.up]) if m.glu else self._linear(m.up.weight, m.up.bias),
-            "down": self._linear(m.down.weight, m.down.bias),
+            "up": self._fuse([m.gate, m.up]) if m.glu else (m.up.weight.detach(), None if m.up.bias is None
+                                                             else m.up.bias.detach()),
+            "down": (m.down.weight.detach(), None if m.down.bias is None else m.down.bias.detach()),
             "act": m.act, "glu": m.glu, "layer": blk.layer,
         }
 
@@ -169,6 +185,9 @@ class FastDecoder:
         """Logits [B, V] for the last position (or [B, T, V]); writes the new keys/values into `cache`."""
         cfg, model = self.cfg, self.model
         B, T = ids.shape
+        if self.native is not None and B == 1 and T == 1 and attn_mask is None and cache.k[0].is_contiguous():
+            logits = self.native.step(model, ids, positions, cache)  # float32 [1, V]
+            return logits if last_only else logits[:, None]
         start = cache.length
         x = model.embed(ids)
         if cfg.embed_scale is not None:
@@ -192,14 +211,14 @@ class FastDecoder:
         return logits
 
 
-def enable_fast_decode(model, quantize: str | None = None, group_size: int = 32) -> bool:
+def enable_fast_decode(model, quantize: str | None = None, group_size: int = 32, native: bool = True) -> bool:
     """Attach a FastDecoder as `model.fast_decoder` (the engine then uses it); False when unsupported.
 
     With `quantize`, the model's own linears are quantised too (for paths the fast decoder does not take:
     beam search, speculative decoding), so the float weights are released.
     """
     try:
-        fast = FastDecoder(model, quantize, group_size)
+        fast = FastDecoder(model, quantize, group_size, native)
     except Unsupported:
         if quantize:
             from .quant import quantize_model
