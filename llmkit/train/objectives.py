@@ -12,7 +12,8 @@ A batch is a dict of tensors. Conventions every objective and collator in llmkit
 Implements:
 - `lm_loss(model, batch, z_loss=0)`: shifted cross-entropy over the valid targets plus the PaLM
   z-loss (coef * log(Z)^2) and the MoE auxiliary loss; returns (loss, metrics). It serves causal LM,
-  prefix LM, span corruption and UL2 alike, since they differ only in how the batch is built;
+  prefix LM, span corruption and UL2 alike, since they differ only in how the batch is built. On a
+  plain `Transformer` the output projection and the loss are fused (`fused_loss`);
 - `document_mask(input_ids, eos_id)`: document-aware masking for packed sequences (each token
   attends within its own document; positions restart at every document) [Llama 3, §3.2];
 - `prefix_lm_batch(tokens, prefix_len)`: the prefix-LM view of a sequence (no loss on the prefix);
@@ -29,9 +30,9 @@ IGNORE = -100
 MODEL_KEYS = ("positions", "attn_mask", "prefix_len", "encoder_input_ids", "encoder_attn_mask")
 
 
-def forward(model, batch: dict) -> torch.Tensor:
+def forward(model, batch: dict, **extra) -> torch.Tensor:
     """Run the model on a batch, passing only the optional inputs the batch carries."""
-    kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None} | extra
     if "doc_ids" in batch and "attn_mask" not in kw:  # packed documents: attend only within one's own document
         d = batch["doc_ids"]
         kw["attn_mask"] = d[:, :, None] == d[:, None, :]
@@ -53,10 +54,26 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.
     return ce, metrics
 
 
+def fused_head(model):
+    """The output weight when the projection and the loss can be fused (`fused_loss`): a plain llmkit
+    `Transformer` (not wrapped by DDP/FSDP/compile, no logit soft-cap) whose weight is an ordinary tensor."""
+    from ..model.transformer import Transformer
+
+    if type(model) is not Transformer or model.cfg.logit_softcap is not None:
+        return None
+    w = model.lm_head.weight if model.lm_head is not None else model.embed.weight
+    return w if type(w) in (torch.Tensor, torch.nn.Parameter) else None
+
+
 def lm_loss(model, batch: dict, z_loss: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Language-modelling loss for any batch that follows the conventions above."""
-    logits = forward(model, batch)
-    loss, metrics = cross_entropy(logits, batch["labels"], z_loss)
+    w = fused_head(model)
+    if w is not None:  # projection + CE chunk by chunk, never materialising the logits
+        from .fused_loss import linear_cross_entropy
+
+        loss, metrics = linear_cross_entropy(forward(model, batch, return_hidden=True), w, batch["labels"], z_loss)
+    else:
+        loss, metrics = cross_entropy(forward(model, batch), batch["labels"], z_loss)
     aux = getattr(model, "aux_loss", None)
     if callable(aux) and getattr(getattr(model, "cfg", None), "n_experts", 0):
         a = aux()

@@ -7,7 +7,7 @@ loss measured on the same held-out tokens. The laws are fitted with `llmkit.trai
 `--predict-factor K` one more run with K times the largest ladder compute is predicted *before* it is
 trained, then trained and compared.
 
-    llmkit scaling --data input.txt --out runs/scaling [--widths 32,48,64,96] [--tokens 1e5,2e5,4e5]
+    llmkit scaling --data input.txt --out runs/scaling [--widths 32,48,64,96] [--tokens 1e5,2e5,4e5 | --tokens-per-param 5,10,20]
     llmkit scaling --runs runs/scaling/runs.jsonl --budget 1e18      # fit + compute-optimal N, D only
 """
 from __future__ import annotations
@@ -43,16 +43,18 @@ def train_one(mcfg: ModelConfig, tokens: int, data, args, seed: int = 0) -> dict
     lr = args.lr * math.sqrt(64 / mcfg.d_model)
     tcfg = TrainConfig(max_steps=steps, micro_batch_size=args.batch, seq_len=args.seq_len, lr=lr,
                        warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
-                       eval_batches=args.eval_batches, log_every=10**9, progress=False, tensorboard=False,
+                       eval_batches=max(1, args.eval_batches), log_every=10**9, progress=False, tensorboard=False,
                        seed=seed, device="cpu")
     torch.manual_seed(seed)
     model = Transformer(mcfg)
     train = BatchLoader(train_ds, args.batch, args.seq_len, seed=seed)
-    val = BatchLoader(val_ds, args.batch, args.seq_len, seed=1234)
+    # the final loss is measured on every window of the held-out split in order (0 = all of them), after the
+    # cosine decay has ended: the same tokens for every run, no sampling noise between ladder points
+    val = BatchLoader(val_ds, args.batch, args.seq_len, shuffle=False)
     t0 = time.time()
     trainer = Trainer(model, tcfg, train, out_dir=None, val_data=val)
     trainer.fit(resume=False)
-    loss = trainer.evaluate(args.eval_batches)
+    loss = trainer.evaluate(args.eval_batches or len(val))
     D = steps * args.batch * args.seq_len
     return {"width": mcfg.d_model, "layers": mcfg.n_layers, "N": params_for_law(mcfg), "D": D,
             "flops": training_flops(mcfg, D, args.seq_len), "loss": loss, "lr": lr, "steps": steps,
@@ -86,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--widths", default="32,48,64,96", help="model widths of the ladder")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", default="1e5,2e5,4e5", help="training tokens per ladder run")
+    ap.add_argument("--tokens-per-param", help="instead of --tokens: budgets as multiples of each model's N "
+                    "(e.g. 5,10,20; Chinchilla's compute-optimal ratio is about 20)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-batches", type=int, default=40)
+    ap.add_argument("--eval-batches", type=int, default=40, help="held-out batches for the final loss (0: the whole split)")
     ap.add_argument("--budget", type=float, help="FLOPs budget for the compute-optimal N and D")
     ap.add_argument("--predict-factor", type=float, default=0.0,
                     help="also predict, then train, a run with this many times the largest ladder compute")
@@ -112,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 done[(r["width"], r["D"])] = r
         runs = []
         for w in (int(x) for x in _floats(args.widths)):
-            for t in _floats(args.tokens):
-                mcfg = ladder_model(w, args.layers, vocab, args.seq_len)
+            mcfg = ladder_model(w, args.layers, vocab, args.seq_len)
+            budgets = ([k * params_for_law(mcfg) for k in _floats(args.tokens_per_param)] if args.tokens_per_param
+                       else _floats(args.tokens))
+            for t in budgets:
                 D = max(10, int(t // (args.batch * args.seq_len))) * args.batch * args.seq_len
                 r = done.get((w, D)) or train_one(mcfg, int(t), data, args)
                 if (w, D) not in done:
