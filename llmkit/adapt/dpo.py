@@ -8,8 +8,13 @@ Implements:
   KL estimate z0 = max(0, mean log pi/pi_ref over mismatched prompt-response pairs);
 - `collate_preferences`: prompt/chosen/rejected token ids -> one right-padded batch [chosen..., rejected...]
   (the layout of TRL's DataCollatorForPreference);
-- `DPOObjective`: the trainer's `loss_fn(model, batch) -> (loss, metrics)`; the reference is a frozen copy,
-  or, when the policy carries LoRA adapters and no reference is given, the same model with adapters off.
+- `collate_shared_prompt`: one row per pair, [prompt | chosen | rejected], the rejected tokens placed at the
+  chosen ones' positions and masked from seeing the chosen ones, so the prompt runs once per pair (policy and
+  reference) while every log-prob, and every gradient through the prompt's keys and values, equals the
+  two-row layout's;
+- `DPOObjective`: the trainer's `loss_fn(model, batch) -> (loss, metrics)` over either layout; the reference is
+  a frozen copy, or, when the policy carries LoRA adapters and no reference is given, the same model with
+  adapters off, run under inference mode.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .logprobs import response_logps
+from .logprobs import response_logps, token_logps
 from .peft import lora_disabled, lora_modules
 
 
@@ -73,15 +78,66 @@ def collate_preferences(examples: list[dict], pad_id: int, max_len: int | None =
     return {"input_ids": input_ids, "completion_mask": completion_mask, "attention_mask": attention_mask}
 
 
+def collate_shared_prompt(examples: list[dict], pad_id: int, max_len: int | None = None) -> dict:
+    """[{prompt_ids, chosen_ids, rejected_ids}] -> one row per pair: input_ids/positions [B, T], a pairwise
+    attn_mask [B, T, T] (ANDed with causal order by the model) and the scored tokens: score_src (the position
+    whose hidden state predicts the token), score_tgt (the token), score_seg (0 chosen, 1 rejected, -1 none).
+
+    max_len caps prompt + response like `collate_preferences` does for each of its rows."""
+    built = []
+    for ex in examples:
+        p = list(ex["prompt_ids"])
+        c, r = list(ex["chosen_ids"]), list(ex["rejected_ids"])
+        if max_len:
+            p = p[:max_len]
+            c, r = c[: max_len - len(p)], r[: max_len - len(p)]
+        if not p:
+            raise ValueError("shared-prompt DPO needs a non-empty prompt (its last token predicts both responses)")
+        built.append((p, c, r))
+    T = max(len(p) + len(c) + len(r) for p, c, r in built)
+    N = max(len(c) + len(r) for _, c, r in built)
+    B = len(built)
+    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "positions": torch.zeros((B, T), dtype=torch.long),
+           "attn_mask": torch.ones((B, T, T), dtype=torch.bool), "score_src": torch.zeros((B, N), dtype=torch.long),
+           "score_tgt": torch.zeros((B, N), dtype=torch.long), "score_seg": torch.full((B, N), -1, dtype=torch.long)}
+    for b, (p, c, r) in enumerate(built):
+        P, C, R = len(p), len(c), len(r)
+        out["input_ids"][b, : P + C + R] = torch.tensor(p + c + r)
+        out["positions"][b, : P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        out["attn_mask"][b, P + C: P + C + R, P: P + C] = False  # rejected never sees chosen
+        # chosen token j is predicted at P-1+j; rejected token j at P-1 (the prompt's end) for j=0, else P+C+j-1
+        src = list(range(P - 1, P + C - 1)) + ([P - 1] + list(range(P + C, P + C + R - 1)) if R else [])
+        out["score_src"][b, : C + R] = torch.tensor(src, dtype=torch.long)
+        out["score_tgt"][b, : C + R] = torch.tensor(c + r, dtype=torch.long)
+        out["score_seg"][b, : C + R] = torch.tensor([0] * C + [1] * R)
+    return out
+
+
+def _shared_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and lengths [chosen(B), rejected(B)] of a `collate_shared_prompt` batch."""
+    h = model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"], return_hidden=True)
+    seg = batch["score_seg"]
+    sel = seg >= 0
+    rows = torch.arange(seg.shape[0], device=seg.device)[:, None].expand_as(seg)[sel]
+    picked = token_logps(model.project(h[rows, batch["score_src"][sel]]), batch["score_tgt"][sel])
+    B = seg.shape[0]
+    slot = seg[sel] * B + rows  # chosen rows first, then rejected: the two-row layout's order
+    sums = torch.zeros(2 * B, dtype=picked.dtype, device=picked.device).index_add(0, slot, picked)
+    lens = torch.zeros(2 * B, dtype=picked.dtype, device=picked.device).index_add(0, slot, torch.ones_like(picked))
+    return sums, lens
+
+
 def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response lengths per row. Right padding needs no attention mask:
-    causal attention never lets a real token see the padding after it."""
+    """Summed response log-probs and response lengths per response [chosen..., rejected...]. Right padding
+    needs no attention mask: causal attention never lets a real token see the padding after it."""
+    if "score_seg" in batch:
+        return _shared_logps(model, batch)
     logps, mask = response_logps(model, batch["input_ids"], batch["completion_mask"])
     return logps.sum(-1), mask.sum(-1)
 
 
 class DPOObjective:
-    """loss_fn for the trainer; batches come from `collate_preferences`."""
+    """loss_fn for the trainer; batches come from `collate_preferences` or `collate_shared_prompt`."""
 
     def __init__(self, ref_model=None, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
         self.ref_model, self.beta, self.loss_type, self.label_smoothing = ref_model, beta, loss_type, label_smoothing
@@ -97,8 +153,9 @@ class DPOObjective:
             ctx, ref = lora_disabled(model), model
         else:
             raise ValueError("DPO needs a reference: pass ref_model, or train LoRA adapters so the base serves as one")
-        with torch.no_grad(), ctx:
-            return sequence_logps(ref, batch)[0]
+        with torch.inference_mode(), ctx:
+            out = sequence_logps(ref, batch)[0]
+        return out.clone()  # a normal tensor again, usable next to autograd tensors
 
     def __call__(self, model, batch):
         ref = self.reference_logps(model, batch)

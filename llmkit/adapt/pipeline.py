@@ -142,12 +142,14 @@ def preference_pairs(data: dict, recipe: dict, tok) -> tuple[list[dict], list[st
 
 
 class PairLoader:
-    """Resumable, epoch-shuffled stream of preference batches [chosen..., rejected...]."""
+    """Resumable, epoch-shuffled stream of preference batches: rows [chosen..., rejected...], or with
+    shared_prompt one [prompt | chosen | rejected] row per pair (DPO: the prompt runs once)."""
 
-    def __init__(self, pairs: list[dict], batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(self, pairs: list[dict], batch_size: int, pad_id: int, seed: int = 0, shared_prompt: bool = False):
         if not pairs:
             raise ValueError("no preference pairs: check data.path and data.kind")
         self.pairs, self.batch_size, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
+        self.shared_prompt = shared_prompt
         self.epoch, self.index = 0, 0
 
     def state_dict(self) -> dict:
@@ -159,15 +161,16 @@ class PairLoader:
     def __iter__(self):
         import random
 
-        from .dpo import collate_preferences
+        from .dpo import collate_preferences, collate_shared_prompt
 
+        collate = collate_shared_prompt if self.shared_prompt else collate_preferences
         while True:
             order = list(range(len(self.pairs)))
             random.Random(self.seed + self.epoch).shuffle(order)
             while self.index + self.batch_size <= len(order):
                 idx = order[self.index: self.index + self.batch_size]
                 self.index += self.batch_size
-                yield collate_preferences([self.pairs[i] for i in idx], self.pad_id)
+                yield collate([self.pairs[i] for i in idx], self.pad_id)
             self.epoch, self.index = self.epoch + 1, 0
 
 

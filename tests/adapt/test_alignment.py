@@ -215,3 +215,57 @@ def test_kl_rewards_clip_and_whiten():
     assert abs(loss.item() + 1.2) < 1e-6 and frac.item() == 1.0
     v = ppo.clipped_value_loss(torch.tensor([[3.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.2)
     assert abs(v.item() - 0.5 * (3 - 0.2) ** 2) < 1e-6
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_shared_prompt_equals_two_row_layout(tiny, lora):
+    """[prompt | chosen | rejected] rows: same loss, metrics and gradients (through the prompt too) as the
+    [chosen..., rejected...] layout that matches TRL."""
+    from llmkit.adapt.peft import apply_lora
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    ref = None
+    if lora:
+        apply_lora(tiny, r=2, alpha=4, targets="all")
+        with torch.no_grad():
+            for n, p in tiny.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3, generator=g)
+    else:
+        ref = copy.deepcopy(tiny)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    examples = EXAMPLES + [{"prompt_ids": [30], "chosen_ids": [31, 32, 33, 34, 1], "rejected_ids": [1]}]
+    obj = dpo.DPOObjective(ref, beta=0.2)
+    shared = dpo.collate_shared_prompt(examples, pad_id=0)
+    assert shared["input_ids"].shape[1] < 2 * dpo.collate_preferences(examples, 0)["input_ids"].shape[1]
+    results = []
+    for batch in (dpo.collate_preferences(examples, pad_id=0), shared):
+        tiny.zero_grad(set_to_none=True)
+        loss, metrics = obj(tiny, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), metrics, grads))
+    (l1, m1, g1), (l2, m2, g2) = results
+    torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
+    assert m1.keys() == m2.keys() and all(abs(m1[k] - m2[k]) < 1e-5 for k in m1)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    assert any(n.startswith("layers.0.attn") for n in g1)  # gradients reach the prompt's keys/values
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_logps_equal_per_response_logps(tiny):
+    shared = dpo.collate_shared_prompt(EXAMPLES, pad_id=0)
+    two_row = dpo.collate_preferences(EXAMPLES, pad_id=0)
+    with torch.no_grad():
+        a, la = dpo.sequence_logps(tiny, two_row)
+        b, lb = dpo.sequence_logps(tiny, shared)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lb, la)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        dpo.collate_shared_prompt([{"prompt_ids": [], "chosen_ids": [3], "rejected_ids": [4]}], 0)
