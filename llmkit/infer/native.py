@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,10 @@ def load_extension():
     try:
         from torch.utils.cpp_extension import load
 
+        # the `ninja` wheel installs its binary beside this interpreter, which need not be on PATH
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
         return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: the PyTorch path still works

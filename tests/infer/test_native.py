@@ -39,7 +39,22 @@ def test_qlinear_equals_linear_on_dequantised_weight(kind, M):
     q = qlinear(ext, stored, b, kind)
     assert (q.N, q.K) == (N, K)
     want = F.linear(x.double(), _dequant(w, kind).double(), b.double())
+    if kind == "int4" and M == 1 and ext.vnni():
+        want = _q4_1_times_q8(pack_q4_1(w), x, b)
     assert (q(x).double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def _q4_1_times_q8(blocks, x, b):
+    """llama.cpp's Q4_1 x Q8_1 product: x quantised to int8 per 32-block for the q*d part, exact for the m part."""
+    N, nb, _ = blocks.shape
+    dm = blocks[..., :4].contiguous().view(torch.float16).double()  # [N, nb, 2]
+    qs = blocks[..., 4:].to(torch.int64)
+    q = torch.cat([qs & 15, qs >> 4], -1).double()  # [N, nb, 32]
+    xb = x.double().reshape(nb, 32)
+    sx = (xb.float().abs().amax(1) / 127).double()
+    xq = torch.round(xb.float() / sx.float()[:, None].clamp(min=1e-30)).double()
+    dots = torch.einsum("nbj,bj->nb", q, xq)
+    return ((dots * dm[..., 0] * sx).sum(1) + (dm[..., 1] * xb.sum(1)).sum(1) + b.double())[None]
 
 
 def test_q4_1_packing_matches_gguf_and_round_trips_gguf_blocks():

@@ -6,7 +6,9 @@
 //   int4 in GGUF's Q4_1 block layout (32 weights per 20-byte block: fp16 scale d, fp16 minimum m, 16 bytes of
 //   nibbles, low nibbles = elements 0..15, high = 16..31; w = q * d + m). Each weight block is loaded once,
 //   widened to float32 in registers and applied to up to 8 activation rows, so decoding reads every weight
-//   byte once per step at memory speed, whatever the storage type. Activations and accumulation are float32.
+//   byte once per step at memory speed, whatever the storage type. Activations and accumulation are float32,
+//   except one-row int4 products on CPUs with AVX512-VNNI, which quantise the activation row to int8 per block
+//   (llama.cpp's Q8_1) and use integer dot products.
 // - `Decoder.step`: one token through every layer (pre-norm RMSNorm/LayerNorm, fused QKV, rotate-half RoPE,
 //   GQA/MQA attention over the model's own preallocated KV cache, fused gate/up GLU or plain MLP, optional
 //   biases, parallel attention+MLP block), the final norm and the vocabulary projection, in one call.
@@ -88,9 +90,15 @@ struct QLinear {
     at::Tensor y = at::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { rows(xp, M, K, yp, N, a, b); });
+    if (M == 1) {
+      one_row(xp, yp);
+    } else {
+      at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { rows(xp, M, K, yp, N, a, b); });
+    }
     return y;
   }
+
+  void one_row(const float* x, float* y) const;  // the decode step's kernel (integer dots for int4)
 };
 
 #if LLMKIT_AVX512
@@ -126,28 +134,44 @@ inline void load_block(const QLinear& L, int64_t n, int64_t b, __m512& w0, __m51
   }
 }
 
+// MC activation rows (a compile-time count, so the accumulators live in registers, not on the stack)
+template <int64_t KIND, int MC>
+void rows_mc(const QLinear& L, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t nb = L.K / BLK;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 a0[MC], a1[MC];
+    for (int i = 0; i < MC; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 w0, w1;
+      load_block<KIND>(L, n, b, w0, w1);
+      for (int i = 0; i < MC; ++i) {
+        const float* xr = x + i * ldx + b * BLK;
+        a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[i]);
+        a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a1[i]);
+      }
+    }
+    for (int i = 0; i < MC; ++i) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+      if (KIND == I8) s *= L.sp[n];
+      y[i * ldy + n] = L.bp ? s + L.bp[n] : s;
+    }
+  }
+}
+
 template <int64_t KIND>
 void rows_impl(const QLinear& L, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t nb = L.K / BLK;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
-    const int64_t mc = std::min(MB, M - m0);
-    for (int64_t n = n0; n < n1; ++n) {
-      __m512 a0[MB], a1[MB];
-      for (int64_t i = 0; i < mc; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        __m512 w0, w1;
-        load_block<KIND>(L, n, b, w0, w1);
-        for (int64_t i = 0; i < mc; ++i) {
-          const float* xr = x + (m0 + i) * ldx + b * BLK;
-          a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[i]);
-          a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a1[i]);
-        }
-      }
-      for (int64_t i = 0; i < mc; ++i) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
-        if (KIND == I8) s *= L.sp[n];
-        y[(m0 + i) * ldy + n] = L.bp ? s + L.bp[n] : s;
-      }
+    const float* xm = x + m0 * ldx;
+    float* ym = y + m0 * ldy;
+    switch (std::min(MB, M - m0)) {
+      case 1: rows_mc<KIND, 1>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 2: rows_mc<KIND, 2>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 3: rows_mc<KIND, 3>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 4: rows_mc<KIND, 4>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 5: rows_mc<KIND, 5>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 6: rows_mc<KIND, 6>(L, xm, ldx, ym, ldy, n0, n1); break;
+      case 7: rows_mc<KIND, 7>(L, xm, ldx, ym, ldy, n0, n1); break;
+      default: rows_mc<KIND, 8>(L, xm, ldx, ym, ldy, n0, n1); break;
     }
   }
 }
@@ -212,10 +236,68 @@ void QLinear::rows(const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy
   }
 }
 
+#if LLMKIT_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMKIT_VNNI 1
+// One activation row against Q4_1 weights with integer dot products, as llama.cpp's Q4_1 x Q8_1: x is
+// quantised per 32-block to int8 (sx = max|x| / 127), each block's 32 nibbles meet it in one VPDPBUSD, and
+// w = q d + m gives  sum_j w_j x_j = d sx sum_j q_j xq_j + m sum_j x_j  (the float block sum of x, exact).
+// About 10 instructions per 32 weights instead of 17 for widening every weight to float.
+struct Q8Row {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+  explicit Q8Row(const float* x, int64_t K) : q(K), scale(K / BLK), sum(K / BLK) {
+    for (int64_t b = 0; b < K / BLK; ++b) {
+      const float* xb = x + b * BLK;
+      float mx = 0, s = 0;
+      for (int64_t j = 0; j < BLK; ++j) mx = std::max(mx, std::fabs(xb[j])), s += xb[j];
+      const float sc = mx / 127.f, inv = sc > 0 ? 1.f / sc : 0.f;
+      for (int64_t j = 0; j < BLK; ++j) q[b * BLK + j] = int8_t(std::nearbyint(xb[j] * inv));
+      scale[b] = sc;
+      sum[b] = s;
+    }
+  }
+};
+
+inline void q4_rows_vnni(const QLinear& L, const Q8Row& xq, float* y, int64_t n0, int64_t n1) {
+  const int64_t nb = L.K / BLK;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* blk = L.wp + n * nb * Q4_BYTES;
+    __m256 acc = _mm256_setzero_ps();
+    float msum = 0;
+    for (int64_t b = 0; b < nb; ++b, blk += Q4_BYTES) {
+      uint16_t dh, mh;
+      std::memcpy(&dh, blk, 2);
+      std::memcpy(&mh, blk + 2, 2);
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(blk + 4));
+      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                              _mm256_loadu_si256((const __m256i*)(xq.q.data() + b * BLK)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(_cvtsh_ss(dh) * xq.scale[b]), acc);
+      msum += _cvtsh_ss(mh) * xq.sum[b];
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    float s = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(h, h), _mm_hadd_ps(h, h))) + msum;
+    y[n] = L.bp ? s + L.bp[n] : s;
+  }
+}
+#else
+#define LLMKIT_VNNI 0
+#endif
+
 // y = x W^T (+ b) for one row, split over the thread pool
 inline void gemv(const QLinear& L, const float* x, float* y) {
+#if LLMKIT_VNNI
+  if (L.kind == I4) {
+    const Q8Row xq(x, L.K);
+    at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { q4_rows_vnni(L, xq, y, a, b); });
+    return;
+  }
+#endif
   at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { L.rows(x, 1, L.K, y, L.N, a, b); });
 }
+
+void QLinear::one_row(const float* x, float* y) const { gemv(*this, x, y); }
 
 struct Norm {
   at::Tensor w, b;  // float32, offset (Gemma's 1 + w) already folded in; b empty for RMSNorm
@@ -449,4 +531,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     bool>())
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
   m.def("avx512", []() { return bool(LLMKIT_AVX512); });
+  m.def("vnni", []() { return bool(LLMKIT_VNNI); });
 }
