@@ -6,13 +6,18 @@ loader: llmkit.load vs transformers' gguf_file), same items (the first --n of He
   (a) scoring only: the (context, continuation) requests of the slice through llmkit's LlmkitLM.loglikelihood
       (batched, each context run once into the KV cache) and through lm-eval's HFLM.loglikelihood (batch
       size --hf-batch; lm-eval's default is 1) — wall time and ratio;
-  (b) end to end: llmkit's harness vs lm_eval.simple_evaluate on local task YAMLs (task building included);
+  (b) end to end: llmkit's harness vs lm_eval.simple_evaluate on local task YAMLs (task building included;
+      llmkit's HellaSwag cache is cleared first), per-item agreement of the two harnesses, and the same with
+      each side's model load from the GGUF added (the wall time of `llmkit eval` vs `lm_eval --model hf`);
   (c) agreement: accuracy of both, and the fraction of items where both pick the same answer.
-The >= 500-item comparison of the issue is `--n 500 --skip-e2e` (tens of minutes on 2 CPU cores).
   (d) `--tasks mmlu_anatomy --fewshot 5 --skip-e2e`: 5-shot prompts whose demo prefix is shared by every item,
       where llmkit also runs the batch's common prefix once (lm-eval already merges one-token continuations).
+Both sides run on --threads torch threads (default 1: on the shared, oversubscribed 2-core machine each side
+is ~2x faster on one thread than on two). The load average is printed with the figures.
 Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 1,16] [--tasks hellaswag,arc_easy] [--skip-e2e]
-       [--fewshot K]
+       [--fewshot K] [--threads N]
+The >= 500-item agreement run: bench/eval.py --n 500 --skip-e2e --hf-batch 16
+       --tasks hellaswag,arc_easy,mmlu_anatomy,mmlu_astronomy,mmlu_college_biology,mmlu_high_school_geography
 """
 from __future__ import annotations
 
@@ -53,6 +58,19 @@ def picks(items, scores):
     return res
 
 
+def agreement(a, b) -> str:
+    """Accuracy of both pick lists [(task, pick, gold)], the difference in points, and the same-pick rate."""
+    acc_a = sum(p == g for _, p, g in a) / len(a)
+    acc_b = sum(p == g for _, p, g in b) / len(b)
+    same = sum(x[1] == y[1] for x, y in zip(a, b)) / len(a)
+    return (f"acc llmkit {acc_a:.4f}  lm-eval {acc_b:.4f}  |diff| {abs(acc_a - acc_b) * 100:.2f} points  "
+            f"same pick {same:.3f}")
+
+
+def _loadavg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -66,7 +84,12 @@ def main() -> None:
     ap.add_argument("--hf-batch", default="1,16", help="lm-eval HFLM batch size(s), comma-separated (its default is 1)")
     ap.add_argument("--skip-e2e", action="store_true", help="only the scoring comparison")
     ap.add_argument("--fewshot", type=int, default=0, help="k-shot prompts (e.g. --tasks mmlu_anatomy --fewshot 5)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (0: torch's choice). 1 by default: on the shared, oversubscribed "
+                         "2-core machine both sides run ~2x faster on one thread than on two (OpenMP barriers wait "
+                         "for a descheduled thread at every op)")
     args = ap.parse_args()
+    print(f"load average at start: {_loadavg()}")
 
     import torch
     from lm_eval.api.instance import Instance
@@ -77,6 +100,9 @@ def main() -> None:
     from llmkit.interop.loading import resolve_alias
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
     gguf = resolve_alias("smollm2-135m-instruct")
     (model, tok), t_load_ours = timed(lambda: llmkit.load("smollm2-135m-instruct"))
     batches = [int(b) for b in args.hf_batch.split(",")]
@@ -95,32 +121,52 @@ def main() -> None:
     print(f"\n(a) scoring {len(items)} items / {len(reqs)} requests / ~{n_tok} tokens: llmkit {t_ours:.2f}s")
     for b in batches:
         hf.batch_size_per_gpu = b
-        s_hf, t_hf = timed(lambda: hf.loglikelihood(inst, disable_tqdm=True))
+        s_hf, t_hf = timed(lambda: hf.loglikelihood(inst, disable_tqdm=len(items) < 200))
         print(f"    lm-eval HFLM(batch_size={b}) {t_hf:8.2f}s   llmkit speed-up {t_hf / t_ours:.2f}x")
     p_ours, p_hf = picks(items, s_ours), picks(items, s_hf)
-    for name in args.tasks.split(","):
-        a = [p for p in p_ours if p[0] == name]
-        b = [p for p in p_hf if p[0] == name]
-        acc_a = sum(p == g for _, p, g in a) / len(a)
-        acc_b = sum(p == g for _, p, g in b) / len(b)
-        same = sum(x[1] == y[1] for x, y in zip(a, b)) / len(a)
-        print(f"(c) {name:10s} n={len(a)}  acc llmkit {acc_a:.4f}  lm-eval {acc_b:.4f}  "
-              f"|diff| {abs(acc_a - acc_b) * 100:.2f} points  same pick {same:.3f}")
+    names = [t for t in dict.fromkeys(n for n, *_ in items)]
+    groups = [(n, [n]) for n in names]
+    mmlu = [n for n in names if n.startswith("mmlu_")]
+    if len(mmlu) > 1:
+        groups.append(("mmlu(" + "+".join(m[5:] for m in mmlu) + ")", mmlu))
+    for label, members in groups:
+        a = [p for p in p_ours if p[0] in members]
+        b = [p for p in p_hf if p[0] in members]
+        print(f"(c) {label:10s} n={len(a)}  {agreement(a, b)}")
     dmax = max(abs(a[0] - b[0]) for a, b in zip(s_ours, s_hf))
     print(f"    max |log p llmkit - log p lm-eval| over requests: {dmax:.2e}")
+    print(f"load average after scoring: {_loadavg()}")
     if args.skip_e2e:
         return
+    e2e(args, ours, hf, t_load_ours, t_load_hf)
+
+
+def e2e(args, ours, hf, t_load_ours: float, t_load_hf: float) -> None:
+    """(b) each harness from task files to results: llmkit's `evaluate` (what `llmkit eval` runs) and lm-eval's
+    `simple_evaluate` on local task YAMLs over the same files, models already in memory; `+ load` adds each
+    side's model load from the GGUF (timed above) for the whole command's wall time."""
     from llmkit.eval.harness import EvalConfig, evaluate
     from llmkit.eval.lm_eval_adapter import run_lm_eval, write_local_tasks
-    from llmkit.eval.tasks import get_tasks
+    from llmkit.eval.tasks import get_tasks, mc
 
+    names = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_local_tasks(SHARED, tmp, tasks=tuple(args.tasks.split(",")))
-        _, t_e2e_ours = timed(lambda: evaluate(ours, get_tasks(args.tasks, SHARED), EvalConfig(limit=args.n, progress=False)))
-        _, t_e2e_hf = timed(lambda: run_lm_eval(hf, names, tmp, limit=args.n))
-    print(f"\n(b) end to end: llmkit harness {t_e2e_ours:.2f}s   lm_eval.simple_evaluate {t_e2e_hf:.2f}s   "
-          f"speed-up {t_e2e_hf / t_e2e_ours:.2f}x")
-
+        local = write_local_tasks(SHARED, tmp, tasks=tuple(names))
+        mc._HS_CACHE.clear()  # (a) read HellaSwag already: make llmkit decompress and parse it again, as lm-eval does
+        (res_ours, samples_ours), t_ours = timed(
+            lambda: evaluate(ours, get_tasks(args.tasks, SHARED), EvalConfig(limit=args.n, progress=False)))
+        res_hf, t_hf = timed(lambda: run_lm_eval(hf, local, tmp, limit=args.n))
+    print(f"\n(b) end to end, threads {args.threads}, load average {_loadavg()}")
+    for name, lname in zip(names, local):
+        a = [("", s["pred"], s["target"]) for s in samples_ours if s["task"] == name]
+        b = [("", max(range(len(s["filtered_resps"])), key=lambda j: float(s["filtered_resps"][j][0])),
+              int(s.get("target", s["doc"].get("gold")))) for s in sorted(res_hf["samples"][lname], key=lambda s: s["doc_id"])]
+        acc_hf = res_hf["results"][lname]["acc,none"]
+        print(f"    {name:10s} n={len(a)}  {agreement(a, b)}  (lm-eval's own acc {acc_hf:.4f})")
+    print(f"    harness (models in memory): llmkit {t_ours:.2f}s  lm_eval.simple_evaluate {t_hf:.2f}s  "
+          f"speed-up {t_hf / t_ours:.2f}x")
+    print(f"    + model load from the GGUF: llmkit {t_ours + t_load_ours:.2f}s  lm-eval {t_hf + t_load_hf:.2f}s  "
+          f"speed-up {(t_hf + t_load_hf) / (t_ours + t_load_ours):.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=None, help="scoring batch size in tokens (llmkit models)")
     p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy shared machine 1 per process is faster)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-dir", default=None, help="folder of the task files (default: $LLMKIT_DATA or ../shared/data)")
     p.add_argument("--output", default="eval_out", help="output directory")
@@ -69,6 +71,10 @@ def main(argv: list[str]) -> int:
         print("\n".join(task_names()))
         return 0
     args = parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .harness import EvalConfig, evaluate
     from .report import markdown, plot_scaling, table, write_run
     from .tasks import TaskDataError, get_tasks

@@ -26,7 +26,7 @@ from .metrics import answers_match, bootstrap_stderr, mc_predictions, mean_stder
 from .tasks import CodeTask, GenTask, MCTask, PerplexityTask, Task, fewshot_prefix
 from .tasks.symbolic import cot_demo
 
-CHUNK = 32  # items per batched scoring call: large enough to fill batches, small enough for a live progress bar
+CHUNK = 64  # items per batched scoring call: large enough to fill length-sorted batches, small enough for a live progress bar
 
 
 @dataclass

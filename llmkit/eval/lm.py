@@ -8,8 +8,10 @@ Implements:
   continuation, the continuation is whole-string tokens minus context tokens, an empty context gets the
   BOS/EOS prefix token, long inputs are cut from the left);
 - `LlmkitLM` for llmkit `Transformer`s: batched scoring that runs the prefix common to a batch's contexts
-  (few-shot demos) once, each distinct context ONCE into the KV cache, then fans the cache out to all its
-  continuations (multiple choice shares a context across choices); batched KV-cache generation, left padding;
+  (few-shot demos) once, each distinct context ONCE into the KV cache, then runs the continuations (multiple
+  choice shares a context across choices) in buckets of similar length on copies of their contexts' cache rows,
+  projecting vocabulary logits only at real continuation positions (HellaSwag's endings run 2 to 60+ tokens:
+  padding every choice to the longest one cost a third of the work); batched KV-cache generation, left padding;
 - `HFLM` for transformers causal LMs (plain batched full-sequence scoring, `model.generate`).
 The OpenAI-compatible HTTP endpoint adapter is `llmkit.eval.lm_openai.OpenAILM`.
 """
@@ -153,6 +155,36 @@ def _greedy_or_sample(logits: torch.Tensor, temperature: float, top_p: float, ge
     return sample_next(logits, cfg, gen)
 
 
+class _ContextBatch:
+    """What the continuation pass needs from a batch's context pass."""
+
+    def __init__(self, cache, last: torch.Tensor, key_valid: torch.Tensor | None, next_pos: torch.Tensor):
+        self.cache, self.last, self.key_valid, self.next_pos = cache, last, key_valid, next_pos
+
+
+BUCKET_SLACK = 1.25  # padded / real continuation tokens allowed in one bucket (HellaSwag endings: 2 to 60+ tokens)
+MIN_BUCKET = 8  # rows; a smaller bucket always takes the next row (tiny matmuls cost more than padding)
+
+
+def length_buckets(rows: list, length: Callable, max_rows: int | None = None) -> list[list]:
+    """Rows sorted by length (longest first) cut into buckets whose right padding stays within BUCKET_SLACK
+    and that hold at most `max_rows` rows."""
+    out: list[list] = []
+    cur: list = []
+    real = 0
+    for r in sorted(rows, key=lambda r: -length(r)):
+        n = length(r)
+        full = max_rows is not None and len(cur) >= max_rows
+        if cur and (full or len(cur) >= MIN_BUCKET and (len(cur) + 1) * length(cur[0]) > BUCKET_SLACK * (real + n)):
+            out.append(cur)
+            cur, real = [], 0
+        cur.append(r)
+        real += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 class LlmkitLM(TokenLM):
     """A llmkit `Transformer` + tokenizer, scored with shared-context KV caching."""
 
@@ -176,25 +208,24 @@ class LlmkitLM(TokenLM):
         order = sorted(groups, key=lambda c: -(len(c) + max(len(pairs[i][1]) for i in groups[c])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         batch: list[tuple[int, ...]] = []
+        L = work_conts = 0
         for ctx in order:
-            cand = batch + [ctx]
-            n_rows = sum(len(groups[c]) for c in cand)
-            L = max(len(c) for c in cand)
-            C = max(len(pairs[i][1]) for c in cand for i in groups[c])
-            # work: every context once (padded) + every continuation; memory: the fanned-out cache
-            work, cache_rows = len(cand) * L + n_rows * C, n_rows * (L + C)
-            if batch and (work > self.batch_tokens or cache_rows > 8 * self.batch_tokens):
+            # work: every context once (padded to the batch's longest) + every continuation token (continuations
+            # run in length buckets, so they are barely padded)
+            L2, w2 = max(L, len(ctx)), work_conts + sum(len(pairs[i][1]) for i in groups[ctx])
+            if batch and (len(batch) + 1) * L2 + w2 > self.batch_tokens:
                 self._score_groups(batch, groups, pairs, results)
-                batch = []
+                batch, L2, w2 = [], len(ctx), sum(len(pairs[i][1]) for i in groups[ctx])
             batch.append(ctx)
+            L, work_conts = L2, w2
         if batch:
             self._score_groups(batch, groups, pairs, results)
         return results
 
     def _score_groups(self, ctxs, groups, pairs, results) -> None:
         """The token prefix common to all contexts of the batch (few-shot demos, a task description) runs once;
-        each context's remainder (left-padded after it) then runs once; that KV cache fans out to every
-        continuation of the context (right-padded)."""
+        each context's remainder (left-padded after it) then runs once into the KV cache; the continuations,
+        in buckets of similar length, then run on copies of their contexts' cache rows."""
         dev, m = self.model.device, self.model
         G = len(ctxs)
         P = len(os.path.commonprefix(ctxs)) if G > 1 else 0
@@ -203,16 +234,13 @@ class LlmkitLM(TokenLM):
             P = 0
         sufs = [c[P:] for c in ctxs]
         L = max(len(x) for x in sufs)
-        members = [i for c in ctxs for i in groups[c]]
-        owner = torch.tensor([g for g, c in enumerate(ctxs) for _ in groups[c]], device=dev)
-        C = max(len(pairs[i][1]) for i in members)
         ids = torch.zeros(G, L, dtype=torch.long, device=dev)
         valid = torch.zeros(G, L, dtype=torch.bool, device=dev)
         for g, x in enumerate(sufs):
             ids[g, L - len(x):] = torch.tensor(x, device=dev)
             valid[g, L - len(x):] = True
         padded = not bool(valid.all())
-        cache = m.new_cache(1 if P else G, P + L + C)
+        cache = m.new_cache(1 if P else G, P + L)
         if P:
             m(torch.tensor([ctxs[0][:P]], device=dev), cache=cache, return_hidden=True)
             cache.reorder(torch.zeros(G, dtype=torch.long, device=dev))
@@ -221,21 +249,53 @@ class LlmkitLM(TokenLM):
         # only the last context position needs vocabulary logits: project that one hidden state
         hidden = m(ids, positions=pos, attn_mask=key_valid if padded else None, cache=cache, return_hidden=True)
         last = m.project(hidden[:, -1])  # [G, V]
-        cache.reorder(owner)
-        conts = torch.zeros(len(members), C, dtype=torch.long, device=dev)
-        for r, i in enumerate(members):
-            conts[r, :len(pairs[i][1])] = torch.tensor(pairs[i][1], device=dev)
-        logits = last[owner].unsqueeze(1)
+        ctx = _ContextBatch(cache, last, key_valid if padded else None, P + valid.sum(1))
+        members = [(g, i) for g, c in enumerate(ctxs) for i in groups[c]]
+        C = max(len(pairs[i][1]) for _, i in members)
+        # each bucket copies its rows' cache: bound those copies to 8 batches' worth of token rows
+        max_rows = max(1, 8 * self.batch_tokens // (P + L + C))
+        for rows in length_buckets(members, lambda r: len(pairs[r[1]][1]), max_rows):
+            self._score_continuations(ctx, rows, pairs, results)
+
+    def _score_continuations(self, ctx: "_ContextBatch", rows: list[tuple[int, int]], pairs, results) -> None:
+        """Score the continuations `rows` [(context row, pair index)] on a copy of their contexts' KV cache rows
+        (right padding needs no mask: causal attention never lets a real token see a later pad). Vocabulary
+        logits are projected for real positions only, and log p comes from logsumexp (no [N, V] log-softmax)."""
+        dev, m = self.model.device, self.model
+        conts = [pairs[i][1] for _, i in rows]
+        R, C = len(rows), max(len(x) for x in conts)
+        owner = torch.tensor([g for g, _ in rows], device=dev)
+        tgt = torch.zeros(R, C, dtype=torch.long, device=dev)
+        for r, x in enumerate(conts):
+            tgt[r, :len(x)] = torch.tensor(x, device=dev)
+        logits = [ctx.last.index_select(0, owner)]  # first continuation token of every row
+        targets = [tgt[:, 0]]
+        row_of = [torch.arange(R, device=dev)]
         if C > 1:
-            # right padding needs no mask: causal attention never lets a real token see a later pad
-            step_pos = (P + valid.sum(1))[owner][:, None] + torch.arange(C - 1, device=dev)[None]
-            mask = torch.cat([key_valid[owner], torch.ones(len(members), C - 1, dtype=torch.bool, device=dev)], 1)
-            more = m(conts[:, :-1], positions=step_pos, attn_mask=mask if padded else None, cache=cache)
-            logits = torch.cat([logits, more], 1)
-        lp, hit = _logprobs_of(logits, conts)
-        for r, i in enumerate(members):
-            n = len(pairs[i][1])
-            results[i] = (float(lp[r, :n].double().sum()), bool(hit[r, :n].all()))
+            n = ctx.cache.length
+            sub = m.new_cache(R, n + C - 1)
+            for dst, src in ((sub.k, ctx.cache.k), (sub.v, ctx.cache.v)):
+                for layer, t in enumerate(src):
+                    dst[layer][:, :, :n] = t[:, :, :n].index_select(0, owner)
+            sub.length = n
+            step_pos = ctx.next_pos[owner][:, None] + torch.arange(C - 1, device=dev)[None]
+            mask = None
+            if ctx.key_valid is not None:
+                mask = torch.cat([ctx.key_valid[owner], torch.ones(R, C - 1, dtype=torch.bool, device=dev)], 1)
+            hidden = m(tgt[:, :-1], positions=step_pos, attn_mask=mask, cache=sub, return_hidden=True)
+            lens = torch.tensor([len(x) for x in conts], device=dev)
+            keep = torch.arange(C - 1, device=dev)[None] < (lens - 1)[:, None]  # [R, C-1] real positions
+            r_idx, t_idx = keep.nonzero(as_tuple=True)
+            logits.append(m.project(hidden[r_idx, t_idx]))
+            targets.append(tgt[r_idx, t_idx + 1])
+            row_of.append(r_idx)
+        logits_all, tgt_all, rows_all = torch.cat(logits).float(), torch.cat(targets), torch.cat(row_of)
+        lp = logits_all.gather(-1, tgt_all[:, None]).squeeze(-1) - logits_all.logsumexp(-1)
+        miss = (logits_all.argmax(-1) != tgt_all).to(torch.long)
+        sums = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(0, rows_all, lp.double())
+        misses = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, rows_all, miss)
+        for r, (_, i) in enumerate(rows):
+            results[i] = (float(sums[r]), not bool(misses[r]))
 
     @torch.inference_mode()
     def generate_ids(self, prompts, *, max_new_tokens, temperature, top_p, seed, stop_fn):

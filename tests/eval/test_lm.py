@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from llmkit.eval.lm import HFLM, LlmkitLM, bits_per_byte, rolling_windows
+from llmkit.eval import lm as lm_mod
+from llmkit.eval.lm import HFLM, LlmkitLM, bits_per_byte, length_buckets, rolling_windows
 
 
 def manual_logprob(model, ctx, cont):
@@ -46,6 +47,37 @@ def test_batching_and_prefix_cache_do_not_change_scores(tiny, batch_tokens):
     got = LlmkitLM(model, tok, batch_tokens=batch_tokens).loglikelihood(REQS)
     for (a, ga), (b, gb) in zip(ref, got):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_length_buckets_cover_rows_once_and_bound_padding():
+    lengths = [1, 40, 3, 3, 17, 2, 60, 5, 5, 8, 9, 30, 2, 2, 11, 12, 13, 25, 1, 4] * 3
+    rows = list(range(len(lengths)))
+    buckets = length_buckets(rows, lambda r: lengths[r], max_rows=10)
+    assert sorted(r for b in buckets for r in b) == rows
+    for b in buckets:
+        assert len(b) <= 10
+        real, padded = sum(lengths[r] for r in b), len(b) * max(lengths[r] for r in b)
+        if len(b) > lm_mod.MIN_BUCKET:  # a bucket grows past MIN_BUCKET only while its padding stays in bounds
+            assert padded <= lm_mod.BUCKET_SLACK * real
+    assert length_buckets([], len) == []
+
+
+@pytest.mark.parametrize("min_bucket,batch_tokens", [(1, 4096), (1, 16), (8, 4096)])
+def test_length_bucketed_continuations_equal_manual_sums(tiny, monkeypatch, min_bucket, batch_tokens):
+    """Many continuations of very different lengths per context: each bucket runs on its own copy of the
+    context cache rows (left-padded contexts, shared prefix) and must still give the exact manual sums."""
+    monkeypatch.setattr(lm_mod, "MIN_BUCKET", min_bucket)
+    model, tok = tiny
+    lm = LlmkitLM(model, tok, batch_tokens=batch_tokens)
+    words = "the cat sat on a mat and then it ran far away over hills to the sea".split()
+    reqs = [(ctx, " " + " ".join(words[:n])) for ctx in ("Once upon a time there was a story about", "Once upon a",
+                                                          "Q: where?\nA:") for n in (1, 2, 3, 7, 12, 17, 5)]
+    got = lm.loglikelihood(reqs)
+    for (c, x), (lp, greedy) in zip(reqs, got):
+        ctx, cont = lm.encode_pair(c, x)
+        assert lp == pytest.approx(manual_logprob(model, ctx, cont), abs=1e-4)
+        argmax = model(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1].argmax(-1).tolist()
+        assert greedy == (argmax == cont)
 
 
 def test_hf_adapter_matches_llmkit_on_the_same_weights(tiny):
