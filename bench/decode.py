@@ -1,7 +1,8 @@
 """Decode speed of the llmkit engine against transformers and llama.cpp, measured in one run (issue 5, "Speed").
 
 Batch-1 greedy decoding of SmolLM2-135M-Instruct, 128 new tokens (EOS ignored), torch threads = --threads:
-- llmkit: float32, bfloat16, int8 and int4 weights (fused decode path, bench of the `generate` API);
+- llmkit: float32, bfloat16, int8 and int4 weights (native one-call decode step, llmkit/infer/native.py, through
+  the `generate` API; LLMKIT_NATIVE=0 measures the PyTorch fused path instead);
 - transformers `generate` in float32 and bfloat16, on the same weights (the GGUF dequantised by llmkit and
   exported as a Hugging Face directory; `--hf-gguf` loads the GGUF with transformers' own reader instead);
 - llama.cpp through llama-cpp-python on the very Q4_1 GGUF (llmkit's int4 re-quantises it losslessly).
@@ -136,6 +137,11 @@ def main(argv=None) -> int:
     toks: dict[str, list[int]] = {}
     print(f"SmolLM2-135M-Instruct, prompt {len(ids)} tokens, {n} new tokens, threads={a.threads}, "
           f"load average {load0:.1f} (2-core machine shared with other jobs)", flush=True)
+    from llmkit.infer.native import load_extension
+
+    ext = load_extension()
+    print("  batch-1 steps: " + (f"native C++ step (AVX-512 {ext.avx512()}, VNNI {ext.vnni()})" if ext else
+                                 "PyTorch ops (native kernels unavailable)"), flush=True)
     runners, models, hf = {}, {}, {}
     for mode in ("float32", "bfloat16", "int8", "int4"):
         m = copy.deepcopy(base)

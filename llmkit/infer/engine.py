@@ -112,6 +112,10 @@ class Batch:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("an empty prompt has nothing to condition on; give at least one token (e.g. BOS)")
         self.model = model
+        self.enc = None
+        if model.cfg.arch == "encoder_decoder":  # prompts feed the encoder; the decoder starts from one token
+            self.enc = _encoder_batch(prompts, model.device)
+            prompts = [[_decoder_start(model.cfg)]] * len(prompts)
         B, P = len(prompts), max(len(p) for p in prompts)
         L = P + room
         limit = model.cfg.max_seq_len
@@ -139,8 +143,17 @@ class Batch:
         mask = self.valid[:, :P] if self.padded else None
         if self.fast is not None:
             return self.fast(ids, positions=positions, attn_mask=mask, cache=self.cache)
-        h = self.model(ids, positions=positions, attn_mask=mask, cache=self.cache, return_hidden=True)
+        h = self.model(ids, positions=positions, attn_mask=mask, cache=self.cache, return_hidden=True,
+                       **self._encoder_args(first=True))
         return self.model.project(h[:, -1])
+
+    def _encoder_args(self, first: bool = False) -> dict:
+        """Encoder-decoder: the encoder runs once (its cross-attention keys/values are cached); every step
+        still needs the encoder's padding mask."""
+        if self.enc is None:
+            return {}
+        ids, mask = self.enc
+        return {"encoder_input_ids": ids, "encoder_attn_mask": mask} if first else {"encoder_attn_mask": mask}
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens [B] and return logits [B, V] for the next ones."""
@@ -150,7 +163,8 @@ class Batch:
         if self.fast is not None:
             logits = self.fast(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache)
         else:
-            logits = self.model(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache)[:, -1]
+            logits = self.model(tokens[:, None], positions=self.pos[:, None], attn_mask=mask, cache=self.cache,
+                                **self._encoder_args())[:, -1]
         self.pos = self.pos + 1
         self.length = t + 1
         return logits
@@ -160,11 +174,32 @@ class Batch:
         idx = torch.tensor(index, device=self.hist.device)
         self.cache.reorder(idx)
         self.hist, self.valid, self.pos = self.hist[idx], self.valid[idx], self.pos[idx]
+        if self.enc is not None:
+            self.enc = (self.enc[0][idx], self.enc[1][idx])
         self.rows = [self.rows[i] for i in index]
         self.padded = bool((~self.valid[:, :self.length]).any())
 
     def history(self) -> torch.Tensor:
         return self.hist[:, :self.length]
+
+
+def _encoder_batch(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded encoder ids and their key mask (the encoder is bidirectional: the side does not matter)."""
+    S = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), S, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), S, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[i, :len(p)] = True
+    return ids, mask
+
+
+def _decoder_start(cfg) -> int:
+    """The decoder's first token: decoder_start_token_id, else pad (T5's convention), else BOS."""
+    for t in (cfg.decoder_start_token_id, cfg.pad_token_id, cfg.bos_token_id):
+        if t is not None:
+            return int(t)
+    raise ValueError("an encoder-decoder model needs decoder_start_token_id (or pad/bos) in its config to generate")
 
 
 def _needs_history(cfg: GenerationConfig) -> bool:
@@ -242,6 +277,9 @@ def stream_generate(
     ids = _encode(tokenizer, [prompts] if single else list(prompts), add_special_tokens)
     eos = cfg.eos_ids(getattr(tokenizer, "eos_token_id", None))
     gen = make_generator(cfg.seed, model.device)
+    if model.cfg.arch == "encoder_decoder" and (cfg.num_beams > 1 or draft_model is not None):
+        raise ValueError("beam search and speculative decoding cover decoder-only models; generate from an "
+                         "encoder-decoder model with greedy or sampled decoding (num_beams=1, no draft_model)")
     if cfg.num_beams > 1:
         from .beam import beam_search
 
