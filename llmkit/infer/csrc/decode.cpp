@@ -8,7 +8,8 @@
 //   widened to float32 in registers and applied to up to 8 activation rows, so decoding reads every weight
 //   byte once per step at memory speed, whatever the storage type. Activations and accumulation are float32,
 //   except one-row int4 products on CPUs with AVX512-VNNI, which quantise the activation row to int8 per block
-//   (llama.cpp's Q8_1) and use integer dot products.
+//   (llama.cpp's Q8_1) and use integer dot products, and bfloat16 weights on CPUs with AVX512-BF16, which meet
+//   activations rounded to bfloat16 in VDPBF16PS (as any bfloat16 matmul does).
 // - `Decoder.step`: one token through every layer (pre-norm RMSNorm/LayerNorm, fused QKV, rotate-half RoPE,
 //   GQA/MQA attention over the model's own preallocated KV cache, fused gate/up GLU or plain MLP, optional
 //   biases, parallel attention+MLP block), the final norm and the vocabulary projection, in one call.
@@ -93,12 +94,13 @@ struct QLinear {
     if (M == 1) {
       one_row(xp, yp);
     } else {
-      at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { rows(xp, M, K, yp, N, a, b); });
+      many_rows(xp, M, yp);
     }
     return y;
   }
 
   void one_row(const float* x, float* y) const;  // the decode step's kernel (integer dots for int4)
+  void many_rows(const float* x, int64_t M, float* y) const;
 };
 
 #if LLMKIT_AVX512
@@ -285,19 +287,83 @@ inline void q4_rows_vnni(const QLinear& L, const Q8Row& xq, float* y, int64_t n0
 #define LLMKIT_VNNI 0
 #endif
 
+#if LLMKIT_AVX512 && defined(__AVX512BF16__)
+#define LLMKIT_BF16DP 1
+// bfloat16 weights against activations rounded to bfloat16 with VDPBF16PS (32 products per instruction, float32
+// accumulation): what a bfloat16 matmul computes, at a third of the instructions of widening every weight.
+inline std::vector<uint16_t> to_bf16(const float* x, int64_t n) {
+  std::vector<uint16_t> out(n);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256((__m256i*)(out.data() + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+  for (; j < n; ++j) out[j] = f32_to_bf16(x[j]);
+  return out;
+}
+
+template <int MC>
+void bf16_rows_mc(const QLinear& L, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = L.K;
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(L.wp);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[MC];
+    for (int i = 0; i < MC; ++i) acc[i] = _mm512_setzero_ps();
+    const uint16_t* wr = W + n * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(wr + k);
+      for (int i = 0; i < MC; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_loadu_si512(x + i * ldx + k));
+    }
+    for (int i = 0; i < MC; ++i) {
+      const float s = _mm512_reduce_add_ps(acc[i]);
+      y[i * ldy + n] = L.bp ? s + L.bp[n] : s;
+    }
+  }
+}
+
+inline void bf16_rows(const QLinear& L, const uint16_t* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const uint16_t* xm = x + m0 * L.K;
+    float* ym = y + m0 * ldy;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: bf16_rows_mc<1>(L, xm, L.K, ym, ldy, n0, n1); break;
+      case 2: bf16_rows_mc<2>(L, xm, L.K, ym, ldy, n0, n1); break;
+      case 3: bf16_rows_mc<3>(L, xm, L.K, ym, ldy, n0, n1); break;
+      default: bf16_rows_mc<4>(L, xm, L.K, ym, ldy, n0, n1); break;
+    }
+  }
+}
+#else
+#define LLMKIT_BF16DP 0
+#endif
+
+// y = x W^T (+ b) for M rows (row stride K), split over the thread pool
+inline void gemm(const QLinear& L, const float* x, int64_t M, float* y) {
+#if LLMKIT_BF16DP
+  if (L.kind == BF16) {
+    const std::vector<uint16_t> xb = to_bf16(x, M * L.K);
+    at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { bf16_rows(L, xb.data(), M, y, L.N, a, b); });
+    return;
+  }
+#endif
+  at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { L.rows(x, M, L.K, y, L.N, a, b); });
+}
+
 // y = x W^T (+ b) for one row, split over the thread pool
+bool g_int4_vnni = true;  // bench switch: integer dots (default) or float widening for one-row int4
+
 inline void gemv(const QLinear& L, const float* x, float* y) {
 #if LLMKIT_VNNI
-  if (L.kind == I4) {
+  if (L.kind == I4 && g_int4_vnni) {
     const Q8Row xq(x, L.K);
     at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { q4_rows_vnni(L, xq, y, a, b); });
     return;
   }
 #endif
-  at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { L.rows(x, 1, L.K, y, L.N, a, b); });
+  gemm(L, x, 1, y);
 }
 
 void QLinear::one_row(const float* x, float* y) const { gemv(*this, x, y); }
+void QLinear::many_rows(const float* x, int64_t M, float* y) const { gemm(*this, x, M, y); }
 
 struct Norm {
   at::Tensor w, b;  // float32, offset (Gemma's 1 + w) already folded in; b empty for RMSNorm
@@ -532,4 +598,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
   m.def("avx512", []() { return bool(LLMKIT_AVX512); });
   m.def("vnni", []() { return bool(LLMKIT_VNNI); });
+  m.def("bf16dp", []() { return bool(LLMKIT_BF16DP); });
+  m.def("set_int4_vnni", [](bool on) { g_int4_vnni = on; });
 }
