@@ -55,6 +55,11 @@ def load_extension():
         bindir = os.path.dirname(sys.executable)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+            print("llmkit: compiling the native decode kernels for this CPU (first use only, ~30-60 s)",
+                  file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
         return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: the PyTorch path still works
