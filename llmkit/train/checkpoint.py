@@ -51,8 +51,10 @@ def save_model_dir(directory: Path, state: dict[str, torch.Tensor], model_config
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def optimizer_to_files(opt) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer, or its state dict: keys are parameter indices, or parameter names (FQNs) when the
+    state was gathered from sharded (FSDP2/TP) parameters by torch.distributed.checkpoint."""
+    sd = opt.state_dict() if hasattr(opt, "state_dict") else opt
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -66,12 +68,13 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
+    key_of = lambda idx: int(idx) if idx.isdigit() else idx  # noqa: E731  index, or a dotted parameter name
     for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
+        idx, name = key[len("state."):].rsplit(".", 1)
+        state.setdefault(key_of(idx), {})[name] = v
     for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
+        idx, name = key.rsplit(".", 1)
+        state.setdefault(key_of(idx), {})[name] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 

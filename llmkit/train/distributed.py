@@ -235,6 +235,26 @@ class TorchDist:
 
         set_model_state_dict(unwrap(model), sd, options=StateDictOptions(full_state_dict=True))
 
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer state a llmkit checkpoint stores. DDP: every rank holds all of it. FSDP2/TP: the
+        states are DTensor shards; gather them full onto rank 0's CPU, keyed by parameter name (collective:
+        every rank must call it)."""
+        if not dist.is_initialized() or self.cfg.strategy in ("none", "ddp"):
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+        """Inverse of `optimizer_state_dict`: every rank reads the full state and keeps its own shards."""
+        if not dist.is_initialized() or self.cfg.strategy in ("none", "ddp"):
+            optimizer.load_state_dict(sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(model), optimizer, sd, options=StateDictOptions(full_state_dict=True))
+
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
@@ -245,12 +265,8 @@ def setup_from_env(recipe=None) -> TorchDist:
     (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp, default ddp; LLMKIT_TP=N; LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe
     runs unchanged on one process or many."""
     strategy = os.environ.get("LLMKIT_DIST", "ddp")
-    if strategy != "ddp":
-        # The Trainer's checkpoints are full safetensors written by rank 0; sharded (DTensor) optimizer state
-        # is not gathered into them yet. FSDP2/TP train through the Trainer API with out_dir=None and save
-        # with save_distributed (DCP) -- see tests/train/test_distributed.py.
-        raise SystemExit(f"llmkit pretrain under torchrun supports LLMKIT_DIST=ddp for now (got {strategy!r}); "
-                         "FSDP2/TP runs: use llmkit.train.distributed from Python with save_distributed checkpoints")
+    if strategy not in STRATEGIES or strategy == "none":
+        raise SystemExit(f"LLMKIT_DIST={strategy!r}: choose one of ddp, fsdp, tp, fsdp+tp")
     cfg = DistConfig(strategy=strategy, tp=int(os.environ.get("LLMKIT_TP", "2" if "tp" in strategy else "1")),
                      cpu_offload=os.environ.get("LLMKIT_FSDP_CPU_OFFLOAD", "0") == "1")
     return TorchDist(cfg)

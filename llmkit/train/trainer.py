@@ -333,9 +333,11 @@ class Trainer:
             return None
         getter = getattr(self.dist, "model_state_dict", None)
         model_state = getter(self.raw_model) if getter else self.raw_model.state_dict()
+        opt_getter = getattr(self.dist, "optimizer_state_dict", None)  # FSDP2/TP: gathered from the shards
+        opt_state = opt_getter(self.raw_model, self.optimizer) if opt_getter else self.optimizer.state_dict()
         path = None
         if self.is_main:
-            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model_state, optimizer=self.optimizer,
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model_state, optimizer=opt_state,
                                         trainer_state=self.state(), model_config=self.model_config,
                                         tokenizer=self.tokenizer, extra_config=self._config_dict(),
                                         keep_last=self.cfg.keep_last)
@@ -351,7 +353,11 @@ class Trainer:
             setter(self.raw_model, state["model"])
         else:
             self.raw_model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        opt_setter = getattr(self.dist, "load_optimizer_state_dict", None)
+        if opt_setter:
+            opt_setter(self.raw_model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         ts = state["trainer_state"]
         ckpt.set_rng_state(state["rng"], ts["rng"])
         self.step, self.tokens_seen, self.wall_offset = ts["step"], ts["tokens_seen"], ts.get("wall_time", 0.0)

@@ -80,9 +80,27 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
         assert b["params"][k] == pytest.approx(a["params"][k], abs=2e-5), k
 
 
+def _torchrun_pretrain(recipe: Path, out: Path, strategy: str, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLMKIT_DIST": strategy}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={_free_port()}", "-m", "llmkit", "pretrain", "--config", str(recipe),
+                          "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _step_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 @pytest.mark.slow
-def test_pretrain_cli_under_torchrun_ddp(tmp_path):
-    """`torchrun -m llmkit pretrain` (DDP) trains on disjoint rank slices and writes one llmkit run directory."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretrain_cli_under_torchrun(strategy, tmp_path):
+    """`torchrun -m llmkit pretrain` (DDP, FSDP2) trains on disjoint rank slices and writes one llmkit run
+    directory; FSDP2's sharded optimizer state is gathered into the checkpoint, and a resume from it
+    continues with the same losses as the uninterrupted run."""
+    import shutil
+
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question. " * 300)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -90,14 +108,24 @@ def test_pretrain_cli_under_torchrun_ddp(tmp_path):
         f"data: {{kind: text, path: {tmp_path / 'corpus.txt'}, val_fraction: 0.1, tokenizer: char}}\n"
         "train: {max_steps: 6, micro_batch_size: 4, seq_len: 32, lr: 0.003, warmup_steps: 1, progress: false,"
         " tensorboard: false, log_every: 1, device: cpu, eval_batches: 2, ckpt_every: 3}\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLMKIT_DIST": "ddp"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={_free_port()}", "-m", "llmkit", "pretrain", "--config", str(recipe),
-                          "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    _torchrun_pretrain(recipe, tmp_path / "run", strategy)
+    full = _step_losses(tmp_path / "run")
+    losses = list(full.values())
     assert len(losses) >= 6 and losses[-1] < losses[0]
+    if strategy == "fsdp":
+        from safetensors.torch import load_file as load_st
+
+        from llmkit.train.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+        opt = load_st(str(ckpts[0] / "optimizer.safetensors"))
+        assert any(k.endswith("exp_avg_sq") for k in opt) and all(v.dim() == 0 or v.shape[0] > 0 for v in opt.values())
+        shutil.rmtree(ckpts[-1])  # drop step 6: resume from step 3's gathered model + optimizer state
+        _torchrun_pretrain(recipe, tmp_path / "run", strategy, "--resume")
+        resumed = _step_losses(tmp_path / "run")
+        assert max(resumed) == 6
+        for step in range(4, 7):
+            assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
     import llmkit
     from llmkit.train.checkpoint import latest_checkpoint
 
