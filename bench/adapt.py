@@ -8,7 +8,8 @@ sequences, one warm-up step excluded from the timing. SFT: `Trainer` + default l
 DPO: `DPOObjective` on shared-prompt rows [prompt | chosen | rejected] (reference = adapters off, inference
 mode) vs `trl.DPOTrainer` (reference = adapters off); tokens/s counts prompt + chosen and prompt + rejected tokens
 on both sides (TRL's rows), so the prompt that llmkit runs once counts twice for it too. Memory: peak RSS of a child process doing LoRA vs full fine-tuning steps (llmkit).
-Prints one line per figure and the llmkit/TRL ratios.
+Prints one line per figure and the llmkit/TRL ratios, per wall second and per CPU second of the process (the
+steadier figure on a shared machine; with --threads 1 it is the compute time).
 """
 from __future__ import annotations
 
@@ -49,9 +50,19 @@ def llmkit_sft(model, rows, batch, steps, bf16=False) -> float:
     tr = Trainer(model, cfg, data, loss_fn=sft_loss)  # what `llmkit sft` uses
     tr.fit()  # warm-up step
     tr.cfg.max_steps = 1 + steps
-    t = time.perf_counter()
+    t = _clock()
     tr.fit(resume=False)
-    return steps * batch * len(rows[0]) / (time.perf_counter() - t)
+    return _rates(steps * batch * len(rows[0]), t, _clock())
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds: on a shared machine the CPU-time rate is the steadier figure (one busy thread)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _rates(tokens: int, t0: tuple[float, float], t1: tuple[float, float]) -> tuple[float, float]:
+    """tokens per wall second and per CPU second."""
+    return tokens / (t1[0] - t0[0]), tokens / (t1[1] - t0[1])
 
 
 class _Timer:
@@ -59,7 +70,7 @@ class _Timer:
         self.stamps = []
 
     def __call__(self, *a, **k):
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(_clock())
 
 
 def trl_sft(hf_dir, rows, batch, steps, bf16=False) -> float:
@@ -79,7 +90,7 @@ def trl_sft(hf_dir, rows, batch, steps, bf16=False) -> float:
     timer = _Timer()
     tr.add_callback(type("CB", (transformers.TrainerCallback,), {"on_step_end": lambda self, *a, **k: timer()})())
     tr.train()
-    return steps * batch * len(rows[0]) / (timer.stamps[-1] - timer.stamps[0])
+    return _rates(steps * batch * len(rows[0]), timer.stamps[0], timer.stamps[-1])
 
 
 def pref_examples(rows, batch, prompt_len):
@@ -101,9 +112,9 @@ def llmkit_dpo(model, rows, batch, steps, prompt_len, bf16=False) -> float:
     tr = Trainer(model, cfg, (b for _ in iter(int, 1)), loss_fn=DPOObjective(None, beta=0.1))
     tr.fit()
     tr.cfg.max_steps = 1 + steps
-    t = time.perf_counter()
+    t = _clock()
     tr.fit(resume=False)
-    return steps * 2 * batch * len(rows[0]) / (time.perf_counter() - t)  # counted as TRL's rows: prompt twice
+    return _rates(steps * 2 * batch * len(rows[0]), t, _clock())  # counted as TRL's rows: prompt twice
 
 
 def trl_dpo(hf_dir, rows, batch, steps, prompt_len, bf16=False) -> float:
@@ -128,7 +139,7 @@ def trl_dpo(hf_dir, rows, batch, steps, prompt_len, bf16=False) -> float:
     timer = _Timer()
     tr.add_callback(type("CB", (transformers.TrainerCallback,), {"on_step_end": lambda self, *a, **k: timer()})())
     tr.train()
-    return steps * 2 * batch * len(rows[0]) / (timer.stamps[-1] - timer.stamps[0])
+    return _rates(steps * 2 * batch * len(rows[0]), timer.stamps[0], timer.stamps[-1])
 
 
 def memory_child(mode: str, batch: int, seq: int, steps: int, ckpt: str) -> None:
@@ -156,6 +167,11 @@ def memory_child(mode: str, batch: int, seq: int, steps: int, ckpt: str) -> None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"mode": mode, "peak_rss_mib": peak, "after_load_mib": base_rss,
                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+
+
+def _print_rates(name: str, ours, theirs) -> None:
+    print(f"{name}  tokens/s  llmkit {ours[0]:8.1f}   TRL+PEFT {theirs[0]:8.1f}   ratio {ours[0] / theirs[0]:.2f}x   "
+          f"per CPU-second: llmkit {ours[1]:8.1f}   TRL+PEFT {theirs[1]:8.1f}   ratio {ours[1] / theirs[1]:.2f}x", flush=True)
 
 
 def main() -> int:
@@ -189,12 +205,12 @@ def main() -> int:
         m, _ = llmkit.load("smollm2-135m-instruct")
         ours = llmkit_sft(m, rows, args.batch, args.steps, args.dtype == "bf16")
         theirs = trl_sft(hf_dir, rows, args.batch, args.steps, args.dtype == "bf16")
-        print(f"SFT  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
+        _print_rates("SFT", ours, theirs)
     if "dpo" in only:
         m, _ = llmkit.load("smollm2-135m-instruct")
         ours = llmkit_dpo(m, rows, args.batch, args.steps, args.seq // 4, args.dtype == "bf16")
         theirs = trl_dpo(hf_dir, rows, args.batch, args.steps, args.seq // 4, args.dtype == "bf16")
-        print(f"DPO  tokens/s  llmkit {ours:8.1f}   TRL+PEFT {theirs:8.1f}   ratio {ours / theirs:.2f}x")
+        _print_rates("DPO", ours, theirs)
     if "memory" in only:
         from llmkit.interop.checkpoint import save_checkpoint
 
