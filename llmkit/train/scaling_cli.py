@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         mcfg = ladder_model(width, args.layers, vocab, args.seq_len)
         c_max = max(r["flops"] for r in runs)
         per_token = training_flops(mcfg, args.seq_len, args.seq_len) / args.seq_len
-        tokens = int(args.predict_factor * c_max / per_token)
-        D = max(10, int(tokens // (args.batch * args.seq_len))) * args.batch * args.seq_len
+        # whole steps, rounded up: the run has at least predict_factor times the largest ladder compute
+        D = max(10, math.ceil(args.predict_factor * c_max / per_token / (args.batch * args.seq_len))) * args.batch * args.seq_len
         pred = {"chinchilla": ch.loss(params_for_law(mcfg), D), "kaplan": ka.loss(params_for_law(mcfg), D)}
         print(f"predicting width {width}, D={D:,d} ({training_flops(mcfg, D, args.seq_len) / c_max:.1f}x the largest "
               f"ladder compute): Chinchilla {pred['chinchilla']:.4f}, Kaplan {pred['kaplan']:.4f}")
-        r = train_one(mcfg, tokens, data, args)
+        r = train_one(mcfg, D, data, args)
         err = {k: abs(v / r["loss"] - 1) for k, v in pred.items()}
         predicted = {"run": r, "predicted": pred, "rel_error": err, "flops": r["flops"], "measured": r["loss"],
                      "compute_ratio": r["flops"] / c_max}
