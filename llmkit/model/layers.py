@@ -107,11 +107,35 @@ class Rotary(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rot_dim channels of x [B, H, T, hd] (rotate-half layout, as in HF/NeoX)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeGrad.apply(x, cos, sin)
+    return _rope(x, cos, sin)
+
+
+class _RopeGrad(torch.autograd.Function):
+    """RoPE with a hand-written backward for training: a rotation's transpose is the rotation by the
+    opposite angle, so d/dx is one more RoPE call with -sin (valid because `Rotary` tables repeat the
+    same frequencies in both halves). Autograd would otherwise record and replay the chunk, neg, cat,
+    casts and products of `_rope` one by one."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rope(g, cos, -sin), None, None
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rot = cos.shape[-1]
     xr, xp = (x[..., :rot], x[..., rot:]) if rot < x.shape[-1] else (x, None)
     x1, x2 = xr.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    out = (xr.float() * cos + rotated.float() * sin).to(x.dtype)
+    ct = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    out = (xr.to(ct) * cos + rotated.to(ct) * sin).to(x.dtype)
     return out if xp is None else torch.cat([out, xp], dim=-1)
 
 

@@ -21,6 +21,15 @@ from .layers import MLP, Rotary, T5Bias, alibi_bias, alibi_slopes, make_norm, si
 from .moe import MoE
 
 
+def _autocast_input(h: torch.Tensor) -> torch.Tensor:
+    """A pre-norm output feeds only matmuls: under autocast cast it once here, not once per consumer
+    (q, k, v and gate, up would each cast the same float32 tensor; same values, fewer passes)."""
+    dev = h.device.type
+    if h.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return h.to(torch.get_autocast_dtype(dev))
+    return h
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False):
         super().__init__()
@@ -40,7 +49,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         attn_kw = dict(rope=ctx["rope"], mask=ctx["mask"], bias=ctx["bias"], cache=ctx["cache"], is_causal=ctx["is_causal"])
         if self.cfg.parallel_block:  # GPT-J / PaLM: both branches read the same normalised input
-            h = self.attn_norm(x)
+            h = _autocast_input(self.attn_norm(x))
             return x + self.drop(self.attn(h, **attn_kw)) + self.drop(self.mlp(h))
         pos = self.cfg.norm_position
         if pos == "post":  # Post-LN: Norm(alpha*x + f(x)); alpha = 1 unless DeepNorm
@@ -48,11 +57,11 @@ class Block(nn.Module):
             if self.cross_attn is not None:
                 x = self.cross_norm(self.alpha * x + self._cross(x, ctx))
             return self.mlp_norm(self.alpha * x + self.drop(self.mlp(x)))
-        a = self.attn(self.attn_norm(x), **attn_kw)
+        a = self.attn(_autocast_input(self.attn_norm(x)), **attn_kw)
         x = x + self.drop(self.post_attn_norm(a) if self.post_attn_norm is not None else a)
         if self.cross_attn is not None:
             x = x + self._cross(self.cross_norm(x), ctx)
-        m = self.mlp(self.mlp_norm(x))
+        m = self.mlp(_autocast_input(self.mlp_norm(x)))
         return x + self.drop(self.post_mlp_norm(m) if self.post_mlp_norm is not None else m)
 
     def _cross(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
