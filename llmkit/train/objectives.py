@@ -56,9 +56,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.
 
 def fused_head(model):
     """The output weight when the projection and the loss can be fused (`fused_loss`): a plain llmkit
-    `Transformer` (not wrapped by DDP/FSDP/compile, no logit soft-cap) whose weight is an ordinary tensor."""
+    `Transformer` (possibly compiled; not wrapped by DDP/FSDP, no logit soft-cap) whose weight is an ordinary tensor."""
     from ..model.transformer import Transformer
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the weight is the same tensor
     if type(model) is not Transformer or model.cfg.logit_softcap is not None:
         return None
     w = model.lm_head.weight if model.lm_head is not None else model.embed.weight
