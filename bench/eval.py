@@ -18,6 +18,15 @@ Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 1,16] [--tasks hellas
        [--fewshot K] [--threads N]
 The >= 500-item agreement run: bench/eval.py --n 500 --skip-e2e --hf-batch 16
        --tasks hellaswag,arc_easy,mmlu_anatomy,mmlu_astronomy,mmlu_college_biology,mmlu_high_school_geography
+Recorded (2026-11-29, shared 2-core machine, threads 1):
+  n=500 run (load average 7-10; llmkit side still the scorer before length buckets): HellaSwag 0.3680/0.3680,
+  ARC-Easy 0.4920/0.4920, MMLU anatomy+astronomy+college_biology+high_school_geography (full test splits, 629
+  items) 0.2035/0.2035 (llmkit/lm-eval), same pick on 100% of items, max |d log p| 7.4e-5; wall time 2700 s vs
+  1264 s (0.47x: that scorer padded every choice to the longest and fanned out cache + [rows, C, V] log-softmax).
+  n=40 run, current scorer (load average 5.3-6.7): scoring 18.4 s vs 41.0 s (2.23x), harness 32.0 s vs 52.0 s
+  (1.63x), with model load 38.2 s vs 82.3 s (2.16x), identical accuracy and picks. Exact fp32 scoring cannot
+  pass ~2.6x against lm-eval at batch 16 on this slice: counted matrix work is 2.58x less (HellaSwag 2.28x:
+  its four ~14-token endings are as long as the context and must all run; ARC-Easy 3.20x).
 """
 from __future__ import annotations
 
