@@ -129,18 +129,21 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         if rope is not None and not self.cross:
             q = apply_rope(q, *rope)
-        if k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = k.shape[1] != q.shape[1]
         if self.cfg.attn_softcap is None:
             attn_mask = mask
             if bias is not None:
                 attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+            # enable_gqa: each key/value head serves its group of query heads in place (no repeated K/V copy
+            # of the whole cache per layer)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, scale=self.scale
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, scale=self.scale,
+                enable_gqa=gqa,
             )
         else:
+            if gqa:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             out = self._manual(q, k, v, mask, bias, is_causal)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o(out)
