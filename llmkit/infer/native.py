@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.layers import activation_base
+
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -128,19 +130,6 @@ def _norm_tensors(norm, dtype=torch.float32):
     return w.to(dtype).contiguous(), (torch.empty(0) if b is None else b.detach().float().contiguous())
 
 
-def supported(cfg) -> str | None:
-    """Why the native step cannot run this model (None: it can). The FastDecoder family minus a few options."""
-    if cfg.pos not in ("rope", "learned", "none"):
-        return f"positions {cfg.pos!r}"
-    if cfg.logit_softcap is not None or cfg.attn_softcap is not None:
-        return "soft-capping"
-    if cfg.d_model % BLOCK or cfg.head_dim % 2:
-        return "d_model not a multiple of 32"
-    if cfg.norm not in ("rmsnorm", "layernorm"):
-        return f"norm {cfg.norm!r}"
-    return None
-
-
 class NativeStep:
     """One-token decode through the native Decoder; `kind` is the weight storage of its matmuls."""
 
@@ -154,11 +143,10 @@ class NativeStep:
         supported."""
         ext = load_extension()
         cfg = model.cfg
-        if ext is None or supported(cfg) is not None:
-            return None
+        if ext is None or cfg.logit_softcap is not None:
+            return None  # FastDecoder.check_supported has refused the rest; the step applies no soft-cap
         layernorm, eps = cfg.norm == "layernorm", float(cfg.norm_eps)
-        act = cfg.activation.replace("swiglu", "silu").replace("geglu_tanh", "gelu_tanh").replace(
-            "geglu", "gelu").replace("reglu", "relu")
+        act = activation_base(cfg.activation)
         if any(f[k][0].shape[1] % BLOCK for f in fused for k in ("qkv", "o", "up", "down")):
             return None  # the kernels read whole 32-weight blocks (true of every released model's widths)
         layers, linears = [], []
@@ -203,5 +191,4 @@ def linear_fn(q):
     return run
 
 
-__all__ = ["load_extension", "pack_int8", "pack_q4_1", "unpack_q4_1", "qlinear", "NativeStep", "linear_fn",
-           "supported"]
+__all__ = ["load_extension", "pack_int8", "pack_q4_1", "unpack_q4_1", "qlinear", "NativeStep", "linear_fn"]

@@ -39,8 +39,13 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
     return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_bias, cfg.norm_offset)
 
 
+def activation_base(name: str) -> str:
+    """The elementwise function of an activation name: swiglu -> silu, geglu(_tanh) -> gelu(_tanh), reglu -> relu."""
+    return name.replace("swiglu", "silu").replace("geglu_tanh", "gelu_tanh").replace("geglu", "gelu").replace("reglu", "relu")
+
+
 def activation_fn(name: str):
-    base = name.replace("swiglu", "silu").replace("geglu_tanh", "gelu_tanh").replace("geglu", "gelu").replace("reglu", "relu")
+    base = activation_base(name)
     if base == "relu":
         return F.relu
     if base == "gelu":

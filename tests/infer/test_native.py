@@ -74,8 +74,18 @@ def test_q4_1_packing_matches_gguf_and_round_trips_gguf_blocks():
     assert torch.equal(pack_q4_1(ours), blocks)
 
 
-def test_ragged_widths_keep_the_pytorch_path():
+def test_ragged_widths_and_logit_softcap_keep_the_pytorch_path():
     assert FastDecoder(tiny_model("llama_gqa", d_ff=88)).native is None
+    m = tiny_model("llama_gqa", d_ff=96, logit_softcap=30.0)
+    ref = copy.deepcopy(m)
+    fast = FastDecoder(m)
+    assert fast.native is None
+    ids = torch.randint(0, 300, (1, 6))
+    cache = m.new_cache(1, 6)
+    with torch.no_grad():
+        fast(ids[:, :5], positions=torch.arange(5)[None], cache=cache)
+        got = fast(ids[:, 5:], positions=torch.tensor([[5]]), cache=cache)
+        assert (got - ref(ids)[:, -1]).abs().max() < 1e-5  # the soft-cap is applied on the PyTorch path
 
 
 def test_q4_1_rejects_ragged_width():

@@ -366,11 +366,9 @@ inline void gemm(const QLinear& L, const float* x, int64_t M, float* y) {
 }
 
 // y = x W^T (+ b) for one row, split over the thread pool
-bool g_int4_vnni = true;  // bench switch: integer dots (default) or float widening for one-row int4
-
 inline void gemv(const QLinear& L, const float* x, float* y) {
 #if LLMKIT_VNNI
-  if (L.kind == I4 && g_int4_vnni) {
+  if (L.kind == I4) {
     const Q8Row xq(x, L.K);
     at::parallel_for(0, L.N, 16, [&](int64_t a, int64_t b) { q4_rows_vnni(L, xq, y, a, b); });
     return;
@@ -616,5 +614,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("avx512", []() { return bool(LLMKIT_AVX512); });
   m.def("vnni", []() { return bool(LLMKIT_VNNI); });
   m.def("bf16dp", []() { return bool(LLMKIT_BF16DP); });
-  m.def("set_int4_vnni", [](bool on) { g_int4_vnni = on; });
 }
