@@ -47,6 +47,9 @@ def open_page(browser, url):
 def test_stream_multiturn_and_stop(browser, tok):
     torch.set_num_threads(1)
     model = tiny_model(tok, max_seq_len=4096, no_eos_when_greedy=True)  # greedy replies run to max_tokens
+    # a real model's pace (~15 ms a step): this tiny one can emit all 40 tokens within one browser read, and
+    # the test is about the page rendering a stream piece by piece, not about how fast the model is
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.015))
     with running_server(model, tok, "tiny") as (url, app):
         page, sent = open_page(browser, url)
         page.fill("#temperature", "0")
