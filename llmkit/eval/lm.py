@@ -11,7 +11,8 @@ Implements:
   (few-shot demos) once, each distinct context ONCE into the KV cache, then runs the continuations (multiple
   choice shares a context across choices) in buckets of similar length on copies of their contexts' cache rows,
   projecting vocabulary logits only at real continuation positions (HellaSwag's endings run 2 to 60+ tokens:
-  padding every choice to the longest one cost a third of the work); batched KV-cache generation, left padding;
+  padding every choice to the longest one cost a third of the work), whose logsumexp and argmax come from one
+  native sweep (`llmkit.infer.native.logit_stats`, 3x PyTorch's passes); batched KV-cache generation, left padding;
 - `HFLM` for transformers causal LMs (plain batched full-sequence scoring, `model.generate`).
 The OpenAI-compatible HTTP endpoint adapter is `llmkit.eval.lm_openai.OpenAILM`.
 """
@@ -22,6 +23,8 @@ import os
 from typing import Callable, Sequence
 
 import torch
+
+from llmkit.infer.native import logit_stats
 
 Pair = tuple[list[int], list[int]]
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth its own forward call
@@ -145,6 +148,13 @@ def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     """log p(targets) [.., T] and whether each target is the argmax."""
     lp = logits.float().log_softmax(-1)
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), lp.argmax(-1) == targets
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) per row of logits [N, V] and 1 where the target is not the argmax: logsumexp and argmax in
+    one native sweep (no [N, V] log-softmax, no float copy of bfloat16 logits)."""
+    lse, arg = logit_stats(logits)
+    return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse, (arg != targets).to(torch.long)
 
 
 def _greedy_or_sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
@@ -289,9 +299,8 @@ class LlmkitLM(TokenLM):
             logits.append(m.project(hidden[r_idx, t_idx]))
             targets.append(tgt[r_idx, t_idx + 1])
             row_of.append(r_idx)
-        logits_all, tgt_all, rows_all = torch.cat(logits).float(), torch.cat(targets), torch.cat(row_of)
-        lp = logits_all.gather(-1, tgt_all[:, None]).squeeze(-1) - logits_all.logsumexp(-1)
-        miss = (logits_all.argmax(-1) != tgt_all).to(torch.long)
+        lp, miss = zip(*(_target_logprobs(x, t) for x, t in zip(logits, targets)))
+        lp, miss, rows_all = torch.cat(lp), torch.cat(miss), torch.cat(row_of)
         sums = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(0, rows_all, lp.double())
         misses = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, rows_all, miss)
         for r, (_, i) in enumerate(rows):

@@ -8,6 +8,7 @@ This module:
   source hash under TORCH_EXTENSIONS_DIR) and returns None, with one warning, where no compiler is found;
   `LLMKIT_NATIVE=0` turns it off;
 - packs weights into the native formats (`pack_int8`, `pack_q4_1`; `unpack_q4_1` dequantises for checks);
+- `logit_stats(logits)`: logsumexp and argmax of vocabulary logits in one sweep (evaluation scoring);
 - `NativeStep.build(fast)` turns a FastDecoder's fused weights into a native `Decoder`; float weights are
   shared with the model, not copied.
 """
@@ -25,7 +26,7 @@ import torch
 
 from ..model.layers import activation_base
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode.cpp", "logits.cpp")]
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 BLOCK = 32  # weights per Q4_1 block
@@ -48,7 +49,7 @@ def load_extension():
     """The compiled module, or None (warned once) when it cannot be built here."""
     if os.environ.get("LLMKIT_NATIVE", "1") == "0":
         return None
-    src_hash = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    src_hash = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
     name = f"llmkit_decode_{src_hash}_{_cpu_tag()}"
     try:
         from torch.utils.cpp_extension import load
@@ -63,7 +64,7 @@ def load_extension():
             print("llmkit: compiling the native decode kernels for this CPU (first use only, ~30-60 s)",
                   file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: the PyTorch path still works
         warnings.warn(f"llmkit native decode kernels unavailable ({type(e).__name__}: {str(e)[:300]}); "
                       "decoding uses the PyTorch path. Install a C++ compiler and `ninja`, or set LLMKIT_NATIVE=0.",
@@ -183,6 +184,17 @@ class NativeStep:
         return logits.view(1, -1)
 
 
+def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, first argmax) over the last dim of float32/bfloat16 logits [N, V]: one native sweep per row
+    (csrc/logits.cpp), or PyTorch's logsumexp and argmax where the extension is unavailable."""
+    ext = load_extension() if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) else None
+    if ext is None or logits.dim() != 2:
+        x = logits.float()
+        return x.logsumexp(-1), x.argmax(-1)
+    lse, arg = ext.logit_stats(logits)
+    return lse, arg
+
+
 def linear_fn(q):
     """A callable x[..., K] -> y[..., N] through a native QLinear (prefill with quantised weights)."""
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -191,4 +203,4 @@ def linear_fn(q):
     return run
 
 
-__all__ = ["load_extension", "pack_int8", "pack_q4_1", "unpack_q4_1", "qlinear", "NativeStep", "linear_fn"]
+__all__ = ["load_extension", "pack_int8", "pack_q4_1", "unpack_q4_1", "qlinear", "NativeStep", "linear_fn", "logit_stats"]

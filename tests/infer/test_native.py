@@ -184,3 +184,37 @@ def test_native_off_by_environment(monkeypatch):
         load_extension.cache_clear()
         monkeypatch.delenv("LLMKIT_NATIVE")
         assert load_extension() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_stats_equal_torch(dtype):
+    """logsumexp and first argmax equal torch's on vocabulary-sized rows (odd width: a scalar tail), with rows
+    holding ties at the maximum, -inf entries, very negative values (exp underflow) and a strided view."""
+    from llmkit.infer.native import logit_stats
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 5003, generator=g) * 6).to(dtype)
+    x[0, 100] = x[0, 4000] = x[0].max() + 1  # tie: the first index wins
+    x[1, 17:300] = float("-inf")
+    x[2] = -1e4
+    x[2, 4999] = 0.0  # the maximum in the scalar tail
+    x[3, :] = 3.0  # every entry ties
+    ref = x.float()
+    for view in (x, x[:, 1:]):  # a non-contiguous row stride
+        lse, arg = ext.logit_stats(view)
+        assert torch.allclose(lse, view.float().logsumexp(-1), rtol=1e-6, atol=1e-5)
+        assert torch.equal(arg, view.float().argmax(-1))
+    lse, arg = logit_stats(x)
+    assert torch.equal(arg, ref.argmax(-1)) and arg[0] == 100 and arg[3] == 0
+
+
+def test_logit_stats_special_values_follow_torch():
+    x = torch.zeros(4, 40)
+    x[0, 5] = float("nan")
+    x[1, :] = float("-inf")
+    x[2, 7] = float("inf")
+    x[3, 39] = float("nan")
+    lse, arg = ext.logit_stats(x)
+    assert torch.isnan(lse[0]) and arg[0] == 5 and torch.isnan(lse[3]) and arg[3] == 39
+    assert lse[1] == float("-inf") and lse[2] == float("inf") and arg[2] == 7
+    assert torch.equal(arg, x.argmax(-1))

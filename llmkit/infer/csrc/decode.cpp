@@ -597,6 +597,8 @@ struct Decoder {
 
 }  // namespace
 
+std::vector<at::Tensor> logit_stats(at::Tensor logits);  // logits.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<QLinear>(m, "QLinear")
       .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, int64_t>())
@@ -611,6 +613,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<Layer>, at::Tensor, at::Tensor, bool, double, QLinear, int64_t, int64_t, int64_t, double,
                     bool>())
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+  m.def("logit_stats", &logit_stats, py::call_guard<py::gil_scoped_release>());
   m.def("avx512", []() { return bool(LLMKIT_AVX512); });
   m.def("vnni", []() { return bool(LLMKIT_VNNI); });
   m.def("bf16dp", []() { return bool(LLMKIT_BF16DP); });
