@@ -1,9 +1,10 @@
-"""GGUF in and out (llama.cpp's single-file format), on the `gguf` package (survey §4.2.4 deployment, §5.4 quantisation).
+"""GGUF in and out (llama.cpp's single-file format) (survey §4.2.4 deployment, §5.4 quantisation).
 
 Implements:
 - `read_gguf(path)` -> (ModelConfig, state dict, Tokenizer): metadata -> config for the llama (Llama, Mistral,
-  SmolLM2) and qwen2 architectures; every tensor dequantised to float32 with `gguf.quants.dequantize`
-  (Q4_0/Q4_1/Q8_0/K-quants/...); llama.cpp's q/k row permutation undone for llama; the tokenizer rebuilt from
+  SmolLM2) and qwen2 architectures, read by `gguf_reader.GGUFFile` (~40x faster than `gguf.GGUFReader` on a
+  49k-token vocabulary); every tensor dequantised to float32 (F32/F16/BF16/Q8_0/Q4_0/Q4_1 in torch, K-quants and
+  the rest with `gguf.quants.dequantize`); llama.cpp's q/k row permutation undone for llama; the tokenizer rebuilt from
   `tokenizer.ggml.*` the way transformers' GGUF loader does (byte-level BPE "gpt2" with the pre-tokenizer split
   named by `tokenizer.ggml.pre`; SentencePiece "llama" with merges from the scores), and the chat template;
 - `write_gguf(path, model, tokenizer)`: llama-architecture GGUF (qwen2 when q/k/v carry biases) (float32 or float16 tensors, q/k permuted as
@@ -22,8 +23,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from ..model.config import ModelConfig
 from ..tokenizer import Tokenizer
 from . import LoadError
+from .gguf_reader import GGUFFile
 
-GGUF_MAGIC = b"GGUF"
 # llama.cpp's token types (llama.h: LLAMA_TOKEN_TYPE_*)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
 ARCHS = ("llama", "qwen2")
@@ -38,49 +39,18 @@ PRE_SPLITS = {**{k: _LLAMA3_SPLIT for k in ("llama3", "llama-v3", "llama-bpe", "
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader`, with a LoadError naming the file when it is not a complete GGUF."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such GGUF file")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise LoadError(f"{path}: not a GGUF file (the first bytes are not 'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # numpy raises ValueError / IndexError on a cut-off header or tensor table
-        raise LoadError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e}); download or convert it again") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise LoadError(f"{path}: truncated GGUF, tensor {t.name} ends past the end of the file")
-    return reader
-
-
-def gguf_metadata(reader) -> dict:
-    """Every key/value field as plain Python (strings, numbers, lists)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    reader = open_gguf(path)
-    meta = gguf_metadata(reader)
+    f = GGUFFile(path)
+    meta = f.meta
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; llmkit reads {list(ARCHS)}")
     tok = gguf_tokenizer(meta) if "tokenizer.ggml.tokens" in meta else None
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in f.tensors}
     cfg = gguf_config(meta, arch, tie=("output.weight" not in names), tok=tok)
     sd = {}
-    for t in reader.tensors:
-        sd[_llmkit_name(t.name, path)] = _tensor(t, cfg, arch, path)
+    for t in f.tensors:
+        sd[_llmkit_name(t.name, path)] = _tensor(f, t, cfg, arch)
     return cfg, sd, tok
 
 
@@ -121,15 +91,8 @@ def _llmkit_name(name: str, path) -> str:
     raise LoadError(f"{path}: unexpected GGUF tensor {name!r} (llmkit maps {sorted(_TOP)} and blk.N.{{{','.join(_BLOCK)}}})")
 
 
-def _tensor(t, cfg: ModelConfig, arch: str, path) -> torch.Tensor:
-    import gguf
-
-    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first; torch wants [rows, cols]
-    try:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-    except NotImplementedError as e:
-        raise LoadError(f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name} which gguf cannot dequantise ({e})") from None
-    w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # a copy: the reader's memmap is read-only
+def _tensor(f: GGUFFile, t, cfg: ModelConfig, arch: str) -> torch.Tensor:
+    w = f.dequantize(t)
     if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
         heads = cfg.n_heads if "attn_q" in t.name else cfg.n_kv_heads
         w = unpermute_qk(w, heads)
