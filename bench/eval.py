@@ -15,7 +15,7 @@ loader: llmkit.load vs transformers' gguf_file), same items (the first --n of He
 Both sides run on --threads torch threads (default 1: on the shared, oversubscribed 2-core machine each side
 is ~2x faster on one thread than on two). The load average is printed with the figures.
 Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 1,16] [--tasks hellaswag,arc_easy] [--skip-e2e]
-       [--fewshot K] [--threads N]
+       [--fewshot K] [--threads N] [--dtype float32|bfloat16]
 The >= 500-item agreement run: bench/eval.py --n 500 --skip-e2e --hf-batch 16
        --tasks hellaswag,arc_easy,mmlu_anatomy,mmlu_astronomy,mmlu_college_biology,mmlu_high_school_geography
 Recorded (2026-11-29, shared 2-core machine, threads 1):
@@ -97,8 +97,10 @@ def main() -> None:
                     help="torch threads for both sides (0: torch's choice). 1 by default: on the shared, oversubscribed "
                          "2-core machine both sides run ~2x faster on one thread than on two (OpenMP barriers wait "
                          "for a descheduled thread at every op)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both sides' weights and activations (bfloat16: oneDNN bf16 matmuls, AMX where the CPU has it)")
     args = ap.parse_args()
-    print(f"load average at start: {_loadavg()}")
+    print(f"load average at start: {_loadavg()}; dtype {args.dtype}")
 
     import torch
     from lm_eval.api.instance import Instance
@@ -113,9 +115,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     gguf = resolve_alias("smollm2-135m-instruct")
-    (model, tok), t_load_ours = timed(lambda: llmkit.load("smollm2-135m-instruct"))
+    (model, tok), t_load_ours = timed(lambda: llmkit.load("smollm2-135m-instruct", dtype=getattr(torch, args.dtype)))
     batches = [int(b) for b in args.hf_batch.split(",")]
-    hf, t_load_hf = timed(lambda: HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32",
+    hf, t_load_hf = timed(lambda: HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype=args.dtype,
                                        batch_size=batches[-1], device="cpu"))
     print(f"load: llmkit {t_load_ours:.1f}s, lm-eval/transformers {t_load_hf:.1f}s")
     items = requests_for(args.tasks, args.n, args.fewshot)
@@ -164,18 +166,24 @@ def e2e(args, ours, hf, t_load_ours: float, t_load_hf: float) -> None:
         mc._HS_CACHE.clear()  # (a) read HellaSwag already: make llmkit decompress and parse it again, as lm-eval does
         (res_ours, samples_ours), t_ours = timed(
             lambda: evaluate(ours, get_tasks(args.tasks, SHARED), EvalConfig(limit=args.n, progress=False)))
-        res_hf, t_hf = timed(lambda: run_lm_eval(hf, local, tmp, limit=args.n))
+        runs = []
+        for b in (int(x) for x in args.hf_batch.split(",")):
+            hf.batch_size_per_gpu = b
+            runs.append((b, *timed(lambda: run_lm_eval(hf, local, tmp, limit=args.n))))
     print(f"\n(b) end to end, threads {args.threads}, load average {_loadavg()}")
-    for name, lname in zip(names, local):
-        a = [("", s["pred"], s["target"]) for s in samples_ours if s["task"] == name]
-        b = [("", max(range(len(s["filtered_resps"])), key=lambda j: float(s["filtered_resps"][j][0])),
-              int(s.get("target", s["doc"].get("gold")))) for s in sorted(res_hf["samples"][lname], key=lambda s: s["doc_id"])]
-        acc_hf = res_hf["results"][lname]["acc,none"]
-        print(f"    {name:10s} n={len(a)}  {agreement(a, b)}  (lm-eval's own acc {acc_hf:.4f})")
-    print(f"    harness (models in memory): llmkit {t_ours:.2f}s  lm_eval.simple_evaluate {t_hf:.2f}s  "
-          f"speed-up {t_hf / t_ours:.2f}x")
-    print(f"    + model load from the GGUF: llmkit {t_ours + t_load_ours:.2f}s  lm-eval {t_hf + t_load_hf:.2f}s  "
-          f"speed-up {(t_hf + t_load_hf) / (t_ours + t_load_ours):.2f}x")
+    for b, res_hf, t_hf in runs:
+        print(f"    lm-eval batch_size={b}:")
+        for name, lname in zip(names, local):
+            a = [("", s["pred"], s["target"]) for s in samples_ours if s["task"] == name]
+            hs = sorted(res_hf["samples"][lname], key=lambda s: s["doc_id"])
+            p = [("", max(range(len(s["filtered_resps"])), key=lambda j: float(s["filtered_resps"][j][0])),
+                  int(s.get("target", s["doc"].get("gold")))) for s in hs]
+            acc_hf = res_hf["results"][lname]["acc,none"]
+            print(f"    {name:10s} n={len(a)}  {agreement(a, p)}  (lm-eval's own acc {acc_hf:.4f})")
+        print(f"    harness (models in memory): llmkit {t_ours:.2f}s  lm_eval.simple_evaluate {t_hf:.2f}s  "
+              f"speed-up {t_hf / t_ours:.2f}x")
+        print(f"    + model load from the GGUF: llmkit {t_ours + t_load_ours:.2f}s  lm-eval {t_hf + t_load_hf:.2f}s  "
+              f"speed-up {(t_hf + t_load_hf) / (t_ours + t_load_ours):.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,17 @@ import sys
 from pathlib import Path
 
 
-def build_lm(spec: str, batch_tokens: int | None = None, max_length: int | None = None):
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def build_lm(spec: str, batch_tokens: int | None = None, max_length: int | None = None, dtype: str = "float32"):
+    """An LM for a model spec; `dtype` is the weights' and activations' precision (bfloat16 runs the matrix
+    products on the CPU's bf16 units, ~4x float32 where oneDNN finds AMX, at ~0.1 nat of log-prob error)."""
+    import torch
+
     from .lm import HFLM, LlmkitLM
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
 
     if spec.startswith("openai:"):
         from .lm_openai import OpenAILM
@@ -28,11 +37,11 @@ def build_lm(spec: str, batch_tokens: int | None = None, max_length: int | None 
 
         path = spec[3:]
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         return HFLM(model, tok, max_length=max_length, name=Path(path).name)
     import llmkit
 
-    model, tok = llmkit.load(spec)
+    model, tok = llmkit.load(spec, dtype=torch_dtype)
     return LlmkitLM(model, tok, max_length=max_length, batch_tokens=batch_tokens, name=_short(spec))
 
 
@@ -54,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=None, help="scoring batch size in tokens (llmkit models)")
     p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="precision of weights and activations (float32: exact log-probs; bfloat16: faster, approximate)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a busy shared machine 1 per process is faster)")
     p.add_argument("--seed", type=int, default=1234)
@@ -91,7 +102,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     by_model = {}
     for spec in args.models:
-        lm = build_lm(spec, args.batch_tokens, args.max_length)
+        lm = build_lm(spec, args.batch_tokens, args.max_length, args.dtype)
         try:
             results, samples = evaluate(lm, tasks, cfg)
         except TaskDataError as e:

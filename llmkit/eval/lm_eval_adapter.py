@@ -26,14 +26,15 @@ from .lm import LM
 @register_model("llmkit")
 class LlmkitEvalModel(_LMEvalLM):
     def __init__(self, pretrained: str | None = None, lm: LM | None = None, batch_tokens: int | None = None,
-                 max_length: int | None = None, **_ignored):
+                 max_length: int | None = None, dtype: str = "float32", **_ignored):
         super().__init__()
         if lm is None:
             if pretrained is None:
                 raise ValueError("model_args needs pretrained=<llmkit.load spec>, e.g. pretrained=smollm2-135m-instruct")
             from .cli import build_lm
 
-            lm = build_lm(pretrained, int(batch_tokens) if batch_tokens else None, int(max_length) if max_length else None)
+            lm = build_lm(pretrained, int(batch_tokens) if batch_tokens else None,
+                          int(max_length) if max_length else None, str(dtype))
         self.lm = lm
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
