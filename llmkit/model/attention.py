@@ -6,7 +6,9 @@ Implements:
 - `build_mask`: one boolean mask from causal order, a bidirectional prefix (prefix LM, GLM),
   a sliding window (Mistral, Gemma) and key padding, in "slot" coordinates of the cache;
 - `Attention`: q/k/v projections with optional biases and QK-norm, RoPE, additive position biases
-  (ALiBi, T5), soft-capping (Gemma 2), and `scaled_dot_product_attention` whenever no soft-cap is set.
+  (ALiBi, T5), soft-capping (Gemma 2), and `scaled_dot_product_attention` whenever no soft-cap is set;
+- `CausalAttention`: the training path of plain causal attention on CPU in bf16 (batched matmuls that run on
+  AMX and a hand-written backward; torch's CPU flash-attention backward is ~2.5x slower at these shapes).
 """
 from __future__ import annotations
 
@@ -82,6 +84,58 @@ def build_mask(
     return allowed
 
 
+_CAUSAL_BIAS: dict = {}
+
+
+def _causal_bias(T: int, rep: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal mask [rep*T, T] (0 on and below the diagonal, -inf above), cached per shape."""
+    key = (T, rep, dtype)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((T, T), float("-inf"), dtype=dtype).triu_(1).repeat(rep, 1)
+    return _CAUSAL_BIAS[key]
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(Q K^T * scale + causal) V with the backward written out (FlashAttention paper, Alg. 4, unblocked):
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)) (= torch's softmax backward, one fused kernel),
+    dQ = dS K * scale, dK = dS^T Q * scale. GQA: the `rep` query heads of one key/value head are stacked
+    along the rows, so each K/V head is used in place and dK/dV sum over its group inside the matmul.
+    P is kept for the backward (B*H*T*T values: 6 MB per layer at the bench shapes in bf16)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        rep = H // KV
+        qg, kg, vg = q.reshape(B * KV, rep * T, D), k.reshape(B * KV, T, D), v.reshape(B * KV, T, D)
+        # the mask is added by the matmul itself (beta=1 on the bias, alpha=scale on Q K^T): one pass less
+        p = torch.baddbmm(_causal_bias(T, rep, q.dtype), qg, kg.transpose(1, 2), alpha=scale).softmax(-1)
+        ctx.save_for_backward(qg, kg, vg, p)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape)
+        return torch.bmm(p, vg).view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        qg, kg, vg, p = ctx.saved_tensors
+        qshape, kshape = ctx.shapes
+        dog = do.reshape(qg.shape)
+        dv = torch.bmm(p.transpose(1, 2), dog)
+        ds = torch._softmax_backward_data(torch.bmm(dog, vg.transpose(1, 2)), p, -1, p.dtype)
+        dq = torch.baddbmm(qg, ds, kg, beta=0, alpha=ctx.scale)  # beta=0: the first argument only gives the shape
+        dk = torch.baddbmm(kg, ds.transpose(1, 2), qg, beta=0, alpha=ctx.scale)
+        return dq.view(qshape), dk.view(kshape), dv.view(kshape), None
+
+
+def use_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Where `CausalAttention` applies and pays: training (grad on) on CPU in bf16, self-attention over the whole
+    sequence (no cache, so Tq == Tk). fp32 stays on SDPA: there the matmuls dominate and SDPA is as fast."""
+    return (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False):
         super().__init__()
@@ -130,7 +184,10 @@ class Attention(nn.Module):
         if rope is not None and not self.cross:
             q = apply_rope(q, *rope)
         gqa = k.shape[1] != q.shape[1]
-        if self.cfg.attn_softcap is None:
+        plain_causal = self.cfg.attn_softcap is None and mask is None and bias is None and is_causal
+        if plain_causal and use_causal_attention(q, k, v):
+            out = CausalAttention.apply(q, k, v, self.scale)
+        elif self.cfg.attn_softcap is None:
             attn_mask = mask
             if bias is not None:
                 attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))

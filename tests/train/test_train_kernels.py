@@ -1,0 +1,131 @@
+"""The hand-written training kernels (causal attention, RMSNorm, RoPE, fused loss) equal torch's own ops
+and leave the model's numbers unchanged (survey §4.3 efficiency)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit.model import attention as A
+from llmkit.model import layers as Lyr
+from llmkit.model.attention import CausalAttention, use_causal_attention
+from llmkit.model.layers import Norm
+
+
+def _qkv(B, H, KV, T, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # the [B, T, H, D] layout viewed as [B, H, T, D], as the projections produce it
+    mk = lambda h: torch.randn(B, T, h, D, generator=g).transpose(1, 2).to(dtype).requires_grad_()
+    return mk(H), mk(KV), mk(KV), torch.randn(B, H, T, D, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("kv", [4, 2, 1])  # MHA, GQA, MQA
+def test_causal_attention_equals_sdpa(dtype, tol, kv):
+    q, k, v, up = _qkv(2, 4, kv, 19, 8, dtype)
+    scale = 0.3
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=scale,
+                                         enable_gqa=kv != 4)
+    ref_grads = torch.autograd.grad((ref * up.double()).sum(), (q, k, v))
+    out = CausalAttention.apply(q, k, v, scale)
+    grads = torch.autograd.grad((out * up).sum(), (q, k, v))
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        # relative to the tensor's scale: bf16 keeps 8 bits of mantissa
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, err
+
+
+def test_causal_attention_used_only_where_it_applies():
+    q, k, v, _ = _qkv(1, 4, 2, 8, 8, torch.bfloat16)
+    assert use_causal_attention(q, k, v)
+    with torch.no_grad():
+        assert not use_causal_attention(q, k, v)  # inference keeps SDPA
+    assert not use_causal_attention(q.float(), k.float(), v.float())  # fp32: SDPA is as fast
+    assert not use_causal_attention(q, k[:, :, :4], v[:, :, :4])  # queries against a longer cache
+
+
+def test_rmsnorm_grad_equals_autograd():
+    g = torch.Generator().manual_seed(0)
+    for offset in (0.0, 1.0):  # Llama and Gemma's (1 + w)
+        norm = Norm(24, "rmsnorm", 1e-6, offset=offset)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(24, generator=g))
+        x = torch.randn(3, 5, 24, generator=g, requires_grad=True)
+        up = torch.randn(3, 5, 24, generator=g)
+        fast = norm(x)
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (norm.weight + offset)
+        torch.testing.assert_close(fast, ref)
+        a = torch.autograd.grad((fast * up).sum(), (x, norm.weight))
+        b = torch.autograd.grad((ref * up).sum(), (x, norm.weight))
+        for u, w in zip(a, b):
+            torch.testing.assert_close(u, w)
+        with torch.no_grad():  # the inference path is the plain formula
+            torch.testing.assert_close(norm(x), ref.detach())
+    # bf16 activations (autocast): float32 arithmetic inside, bf16 out and bf16 input gradient
+    xb = x.detach().bfloat16().requires_grad_()
+    fast = norm(xb)
+    assert fast.dtype == torch.bfloat16
+    (gx,) = torch.autograd.grad((fast.float() * up).sum(), xb)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (norm.weight + 1.0)
+    (gr,) = torch.autograd.grad((ref * up).sum(), x)
+    assert gx.dtype == torch.bfloat16
+    torch.testing.assert_close(gx.float(), gr, rtol=2e-2, atol=2e-2)
+
+
+def _plain_paths(monkeypatch):
+    """Switch the model back to the library's generic ops: SDPA, autograd RMSNorm and RoPE."""
+    monkeypatch.setattr(A, "use_causal_attention", lambda *a: False)
+
+    def plain_norm(x, weight, eps, offset):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (xf * (weight.float() + offset)).to(x.dtype)
+
+    monkeypatch.setattr(Lyr._RMSNormGrad, "apply", plain_norm)
+    monkeypatch.setattr(Lyr._RopeGrad, "apply", Lyr._rope)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_step_equals_plain_paths(dtype, monkeypatch):
+    """Loss and every parameter gradient of one training step (GQA Llama-style model, fused loss) equal
+    those of the generic ops; bf16 within bf16 rounding."""
+    from llmkit.model import ModelConfig, Transformer
+    from llmkit.train.objectives import lm_loss
+
+    cfg = ModelConfig(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
+                      pos="rope", activation="swiglu", norm="rmsnorm")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, 101, (2, 33))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss, _ = lm_loss(model, batch)
+            logits = model(batch["input_ids"])
+        return loss, logits, torch.autograd.grad(loss, list(model.parameters()))
+
+    fast = run()
+    _plain_paths(monkeypatch)
+    ref = run()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "fp32" else dict(rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(fast[0], ref[0], **tol)
+    torch.testing.assert_close(fast[1].float(), ref[1].float(), **tol)
+    for (name, _), a, b in zip(model.named_parameters(), fast[2], ref[2]):
+        rel = (a - b).norm() / b.norm()
+        assert rel < (1e-4 if dtype == "fp32" else 2e-2), (name, float(rel))
+
+
+def test_fused_loss_several_groups_equals_one(monkeypatch):
+    """The weight gradient summed over several row groups equals one group's."""
+    from llmkit.train import fused_loss
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(70, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (70,), generator=g)
+    y[3:9] = -100
+    one = torch.autograd.grad(fused_loss.linear_cross_entropy(h, w, y, 1e-3, chunk=8)[0], (h, w))
+    monkeypatch.setattr(fused_loss, "GROUP_ELEMENTS", 16 * 40)  # groups of 16 rows: 5 groups, the last partial
+    many = torch.autograd.grad(fused_loss.linear_cross_entropy(h, w, y, 1e-3, chunk=8)[0], (h, w))
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a, b)
