@@ -29,10 +29,41 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormGrad.apply(x, self.weight, self.eps, self.offset)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float() + self.offset if self.offset else self.weight.float()
         return (xf * w).to(x.dtype)
+
+
+class _RMSNormGrad(torch.autograd.Function):
+    """RMSNorm for training with the backward written out (same float32 arithmetic as `Norm.forward`):
+    with xh = x * r, r = rsqrt(mean(x^2) + eps), y = xh * w:
+    dw = sum_rows(dy * xh), dx = r * (dy*w - xh * mean(dy*w * xh)). Autograd would save and replay
+    the pow, mean, rsqrt and the two products one by one (about twice the passes over [N, d])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, offset: float):
+        xf = x.float()
+        d = xf.shape[-1]
+        # one pass for the mean square: ||x||^2 / d
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
+        w = weight.float() + offset if offset else weight.float()
+        ctx.save_for_backward(x, r, w)
+        ctx.wdtype = weight.dtype
+        return (xf * r).mul_(w).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, w = ctx.saved_tensors
+        xh = x.float() * r
+        dyf = dy.float()
+        dw = (dyf * xh).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        gx = dyf * w
+        m = torch.linalg.vecdot(gx, xh).unsqueeze_(-1).div_(x.shape[-1])
+        dx = gx.addcmul_(xh, m, value=-1).mul_(r)
+        return dx.to(x.dtype), (dw.to(ctx.wdtype) if dw is not None else None), None, None
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
@@ -119,19 +150,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class _RopeGrad(torch.autograd.Function):
     """RoPE with a hand-written backward for training: a rotation's transpose is the rotation by the
-    opposite angle, so d/dx is one more RoPE call with -sin (valid because `Rotary` tables repeat the
+    opposite angle, so d/dx is one more rotation with -sin (valid because `Rotary` tables repeat the
     same frequencies in both halves). Autograd would otherwise record and replay the chunk, neg, cat,
-    casts and products of `_rope` one by one."""
+    casts and products of `_rope` one by one. Full-width rotation runs as x*C + swap_halves(x)*S in the
+    input's dtype (three passes; the sign of rotate-half is folded into S), like transformers' Llama under
+    autocast; partial rotation keeps `_rope`."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
+        if cos.shape[-1] == x.shape[-1]:
+            half = cos.shape[-1] // 2
+            c, s = cos.to(x.dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
+            ctx.save_for_backward(c, s)
+            ctx.fast = True
+            return _rope_swap(x, c, s)
         ctx.save_for_backward(cos, sin)
+        ctx.fast = False
         return _rope(x, cos, sin)
 
     @staticmethod
     def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return _rope(g, cos, -sin), None, None
+        c, s = ctx.saved_tensors
+        return (_rope_swap(g, c, -s) if ctx.fast else _rope(g, c, -s)), None, None
+
+
+def _rope_swap(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x * c + [x2, x1] * s for x = [x1, x2] along the last dim; the result is contiguous in x's shape
+    (the [B, H, T, hd] layout attention reads without another copy)."""
+    half = x.shape[-1] // 2
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.mul(x, c, out=out).addcmul_(swapped, s)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
