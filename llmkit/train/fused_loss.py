@@ -6,22 +6,22 @@ log-softmax and, in the backward pass, a gradient of the same size: four passes 
 activation of a small model. `linear_cross_entropy(hidden, weight, labels)` instead walks over row
 chunks of `hidden`; per chunk it computes the logits, their logsumexp, the loss and right away the
 gradient (softmax - one_hot) / n_valid, which it turns into the chunk's rows of d loss / d hidden and
-adds into d loss / d weight. Only [chunk, V] is ever alive (it stays in cache), and the backward pass
-is a scaling of the two saved gradients. Same value and gradients as
+adds into d loss / d weight. Only [chunk, V] logits and probabilities are ever alive (bounded by
+CHUNK_ELEMENTS), and the backward pass is a scaling of the two saved gradients. Same value and gradients as
 `F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)` (+ the PaLM z-loss) to rounding.
 
-Under autocast the matmuls run in the autocast dtype (as `nn.Linear` would), softmax and loss in
-float32, and the weight gradient is accumulated in float32.
+Under autocast the matmuls run in the autocast dtype (as `nn.Linear` would), the softmax reads them
+in that dtype and sums in float32, the loss is float32, and the weight gradient is accumulated in float32.
 """
 from __future__ import annotations
 
 import torch
 
 IGNORE = -100
-CHUNK_ELEMENTS = 1 << 21  # logits per chunk: 8 MiB of float32, about an L2 cache's worth on a server core
-# d loss / d logits rows kept for one pair of matmuls (64 MiB in bf16): the weight gradient is then summed
-# once per group in float32 instead of once per chunk (a cast and an add of [V, d] each time)
-GROUP_ELEMENTS = 1 << 25
+# logits per chunk (8 MiB in bf16): each chunk ends in a float32 cast and sum of the whole [V, d] weight
+# gradient, so chunks are not tiny; measured at V=8192, d=384, 2048 rows, bf16, one core (bench/pretrain.py
+# shapes): 256 rows 135 ms, 512 rows 104 ms, 1024 rows 110 ms, 2048 rows 128 ms (fresh 32 MiB buffers page-fault)
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -33,31 +33,24 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, z_loss: float, chunk: int, need: bool):
         cdt = _compute_dtype(hidden)
-        ft = torch.promote_types(cdt, torch.float32)  # softmax and loss: float32 (float64 stays float64)
-        N, V = hidden.shape[0], weight.shape[0]
-        group = max(chunk, GROUP_ELEMENTS // V // chunk * chunk)
+        ft = torch.promote_types(cdt, torch.float32)  # softmax sums and loss: float32 (float64 stays float64)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdt)
             n_valid = (labels != IGNORE).sum().clamp(min=1).to(ft)
             grad_h = torch.empty_like(hidden) if need else None
             grad_w = None
-            probs = torch.empty(min(group, N), V, dtype=cdt, device=hidden.device) if need else None
             total = torch.zeros((), dtype=ft, device=hidden.device)
             lse_sq = torch.zeros((), dtype=ft, device=hidden.device)
-            for g0 in range(0, N, group):
-                h = hidden[g0:g0 + group].to(cdt)
-                rows = torch.empty(h.shape[0], 1, dtype=ft, device=hidden.device) if need else None
-                for s in range(0, h.shape[0], chunk):
-                    e = min(s + chunk, h.shape[0])
-                    t, z = _chunk(h[s:e], w, labels[g0 + s:g0 + e], z_loss, n_valid, ft,
-                                  probs[s:e] if need else None, rows[s:e] if need else None)
-                    total += t
-                    lse_sq += z
-                if need:
-                    g = probs[: h.shape[0]]
-                    grad_h[g0:g0 + group] = (g @ w) * rows  # the row factors, applied to [n, d] not [n, V]
-                    gw = (g.t() @ (h * rows.to(cdt))).to(torch.promote_types(weight.dtype, torch.float32))
-                    grad_w = gw if grad_w is None else grad_w.add_(gw)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk].to(cdt)
+                probs, rows, t, z = _chunk(h, w, labels[s:s + chunk], z_loss, n_valid, ft, need)
+                total += t
+                lse_sq += z
+                if not need:
+                    continue
+                grad_h[s:s + chunk] = (probs @ w) * rows  # the row factors, applied to [n, d] not [n, V]
+                gw = (probs.t() @ (h * rows.to(cdt))).to(torch.promote_types(weight.dtype, torch.float32))
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
         ce = (total / n_valid).float()  # the loss is reported in float32, like `objectives.cross_entropy`
         zl = (z_loss * lse_sq / n_valid).float()
         if need:
@@ -71,25 +64,40 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * g_loss.to(grad_h.dtype), grad_w * g_loss.to(grad_w.dtype), None, None, None, None
 
 
-def _chunk(h, w, y, z_loss, n_valid, ft, probs, rows):
-    """Loss sums of one row chunk; with `probs` given, also its gradient d loss / d logits as
-    rows * (softmax - one_hot / (1 + 2 z lse)) (rows = (1 + 2 z lse) * valid / n_valid): the softmax goes
-    straight into `probs` in the matmul dtype, the one-hot entries are written from float32 values (so
-    p_target - 1 keeps its precision), and the row factors are left for the [n, d]-sized products."""
+def _chunk(h, w, y, z_loss, n_valid, ft, need):
+    """Loss sums of one row chunk; with `need`, also its gradient d loss / d logits as
+    probs * rows with probs = softmax - one_hot / (1 + 2 z lse), rows = (1 + 2 z lse) * valid / n_valid.
+
+    The softmax runs on the logits in the matmul dtype (one kernel, float32 inside, no float32 copy of
+    the logits) and is itself the gradient buffer. Precision without the float32 logits:
+    - 1 - p_target is summed from the other probabilities (not subtracted from 1), so a confident
+      prediction keeps an exact-to-rounding gradient p_target - 1 and loss -log1p(-(1 - p_target));
+    - the log-sum-exp (for unconfident rows and the z-loss) follows from the largest probability,
+      lse = x_j - log p_j at j = argmax (p_j >= 1/V, so bf16 rounding moves it by at most 2^-9)."""
     valid = y != IGNORE
-    tgt = y.clamp(min=0)[:, None]
+    tgt = y.clamp(min=0)
     logits = h @ w.t()
-    logp = torch.log_softmax(logits, dim=-1, dtype=ft)
-    picked = logp.gather(1, tgt).squeeze(1)
-    total = -(picked * valid).sum()
-    lse = logits.gather(1, tgt).squeeze(1).to(ft) - picked if z_loss else None  # logit_t - log p_t
+    probs = torch.softmax(logits, dim=-1)
+    # softmax is monotone, so the largest probability belongs to the largest logit (amax: no index pass)
+    lse = logits.amax(dim=-1).to(ft) - probs.amax(dim=-1).to(ft).log()
+    picked = logits.gather(1, tgt[:, None]).squeeze(1).to(ft)
+    del logits
+    # the target entries on the flat view (scatter_ copies the whole [n, V] tensor on CPU: 50x slower)
+    flat = torch.arange(probs.shape[0], device=h.device) * probs.shape[1] + tgt
+    probs.view(-1).index_fill_(0, flat, 0)
+    other = probs.sum(dim=-1, dtype=ft)  # 1 - p_target
+    loss = torch.where(other < 0.5, -torch.log1p(-other.clamp(max=0.5)), lse - picked)
+    total = (loss * valid).sum()
     zsum = (lse.pow(2) * valid).sum() if z_loss else torch.zeros((), dtype=ft, device=h.device)
-    if probs is not None:
-        factor = 1 + 2 * z_loss * lse if z_loss else torch.ones_like(picked)
-        torch.exp(logp, out=probs)
-        probs.scatter_(1, tgt, (picked.exp() - 1 / factor)[:, None].to(probs.dtype))
-        rows.copy_((factor * valid / n_valid)[:, None])
-    return total, zsum
+    if not need:
+        return None, None, total, zsum
+    if z_loss:
+        factor = 1 + 2 * z_loss * lse
+        target = (1 - 1 / factor) - other  # p_target - 1 / factor
+    else:
+        factor, target = torch.ones_like(lse), -other
+    probs.view(-1).index_copy_(0, flat, target.to(probs.dtype))
+    return probs, (factor * valid / n_valid)[:, None], total, zsum
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0,
