@@ -50,20 +50,20 @@ class _RMSNormGrad(torch.autograd.Function):
         # one pass for the mean square: ||x||^2 / d
         r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
         w = weight.float() + offset if offset else weight.float()
-        ctx.save_for_backward(x, r, w)
-        ctx.wdtype = weight.dtype
-        return (xf * r).mul_(w).to(x.dtype)
+        xh = xf * r  # kept for the backward: one [N, d] pass less there
+        ctx.save_for_backward(xh, r, w)
+        ctx.wdtype, ctx.xdtype = weight.dtype, x.dtype
+        return (xh * w).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, r, w = ctx.saved_tensors
-        xh = x.float() * r
+        xh, r, w = ctx.saved_tensors
         dyf = dy.float()
         dw = (dyf * xh).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
         gx = dyf * w
-        m = torch.linalg.vecdot(gx, xh).unsqueeze_(-1).div_(x.shape[-1])
+        m = torch.linalg.vecdot(gx, xh).unsqueeze_(-1).div_(xh.shape[-1])
         dx = gx.addcmul_(xh, m, value=-1).mul_(r)
-        return dx.to(x.dtype), (dw.to(ctx.wdtype) if dw is not None else None), None, None
+        return dx.to(ctx.xdtype), (dw.to(ctx.wdtype) if dw is not None else None), None, None
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
@@ -152,18 +152,18 @@ class _RopeGrad(torch.autograd.Function):
     """RoPE with a hand-written backward for training: a rotation's transpose is the rotation by the
     opposite angle, so d/dx is one more rotation with -sin (valid because `Rotary` tables repeat the
     same frequencies in both halves). Autograd would otherwise record and replay the chunk, neg, cat,
-    casts and products of `_rope` one by one. Full-width rotation runs as x*C + swap_halves(x)*S in the
-    input's dtype (three passes; the sign of rotate-half is folded into S), like transformers' Llama under
-    autocast; partial rotation keeps `_rope`."""
+    casts and products of `_rope` one by one. Full-width rotation runs on the two halves in the input's
+    dtype (four half-size passes, no rotated copy), like transformers' Llama under autocast; partial
+    rotation keeps `_rope`."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
         if cos.shape[-1] == x.shape[-1]:
             half = cos.shape[-1] // 2
-            c, s = cos.to(x.dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
+            c, s = cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
             ctx.save_for_backward(c, s)
             ctx.fast = True
-            return _rope_swap(x, c, s)
+            return _rope_halves(x, c, s)
         ctx.save_for_backward(cos, sin)
         ctx.fast = False
         return _rope(x, cos, sin)
@@ -171,16 +171,18 @@ class _RopeGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         c, s = ctx.saved_tensors
-        return (_rope_swap(g, c, -s) if ctx.fast else _rope(g, c, -s)), None, None
+        return (_rope_halves(g, c, -s) if ctx.fast else _rope(g, c, -s)), None, None
 
 
-def _rope_swap(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x * c + [x2, x1] * s for x = [x1, x2] along the last dim; the result is contiguous in x's shape
-    (the [B, H, T, hd] layout attention reads without another copy)."""
+def _rope_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """[x1 c - x2 s, x2 c + x1 s] for x = [x1, x2] along the last dim (c, s: half-width tables); the result
+    is contiguous in x's shape (the [B, H, T, hd] layout attention reads without another copy)."""
     half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return torch.mul(x, c, out=out).addcmul_(swapped, s)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
+    return out
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

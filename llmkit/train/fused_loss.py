@@ -85,7 +85,8 @@ def _chunk(h, w, y, z_loss, n_valid, ft, need):
     # the target entries on the flat view (scatter_ copies the whole [n, V] tensor on CPU: 50x slower)
     flat = torch.arange(probs.shape[0], device=h.device) * probs.shape[1] + tgt
     probs.view(-1).index_fill_(0, flat, 0)
-    other = probs.sum(dim=-1, dtype=ft)  # 1 - p_target
+    # 1 - p_target; summed in float32 inside, rounded once (sum(dtype=) would first copy [n, V] to float32)
+    other = probs.sum(dim=-1).to(ft)
     loss = torch.where(other < 0.5, -torch.log1p(-other.clamp(max=0.5)), lse - picked)
     total = (loss * valid).sum()
     zsum = (lse.pow(2) * valid).sum() if z_loss else torch.zeros((), dtype=ft, device=h.device)
