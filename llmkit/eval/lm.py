@@ -7,27 +7,22 @@ Implements:
 - `TokenLM`: the shared tokenisation rules (lm-evaluation-harness's: trailing context spaces move to the
   continuation, the continuation is whole-string tokens minus context tokens, an empty context gets the
   BOS/EOS prefix token, long inputs are cut from the left);
-- `LlmkitLM` for llmkit `Transformer`s: batched scoring that runs the prefix common to a batch's contexts
-  (few-shot demos) once, each distinct context ONCE into the KV cache, then runs the continuations (multiple
-  choice shares a context across choices) in buckets of similar length on copies of their contexts' cache rows,
-  projecting vocabulary logits only at real continuation positions (HellaSwag's endings run 2 to 60+ tokens:
-  padding every choice to the longest one cost a third of the work), whose logsumexp and argmax come from one
-  native sweep (`llmkit.infer.native.logit_stats`, 3x PyTorch's passes); batched KV-cache generation, left padding;
+- `LlmkitLM` for llmkit `Transformer`s: exact scoring with each distinct context run ONCE for all of its
+  continuations and items packed into rows under a tree attention mask (`llmkit.eval.packing`: real tokens
+  only, a few-shot prefix common to every context run once); batched KV-cache generation, left padding;
 - `HFLM` for transformers causal LMs (plain batched full-sequence scoring, `model.generate`).
 The OpenAI-compatible HTTP endpoint adapter is `llmkit.eval.lm_openai.OpenAILM`.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Sequence
 
 import torch
 
-from llmkit.infer.native import logit_stats
+from .packing import score_packed
 
 Pair = tuple[list[int], list[int]]
-MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth its own forward call
 
 
 class LM:
@@ -150,13 +145,6 @@ def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), lp.argmax(-1) == targets
 
 
-def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) per row of logits [N, V] and 1 where the target is not the argmax: logsumexp and argmax in
-    one native sweep (no [N, V] log-softmax, no float copy of bfloat16 logits)."""
-    lse, arg = logit_stats(logits)
-    return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse, (arg != targets).to(torch.long)
-
-
 def _greedy_or_sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
     from llmkit.infer.sampling import GenerationConfig, sample_next
 
@@ -165,38 +153,8 @@ def _greedy_or_sample(logits: torch.Tensor, temperature: float, top_p: float, ge
     return sample_next(logits, cfg, gen)
 
 
-class _ContextBatch:
-    """What the continuation pass needs from a batch's context pass."""
-
-    def __init__(self, cache, last: torch.Tensor, key_valid: torch.Tensor | None, next_pos: torch.Tensor):
-        self.cache, self.last, self.key_valid, self.next_pos = cache, last, key_valid, next_pos
-
-
-BUCKET_SLACK = 1.25  # padded / real continuation tokens allowed in one bucket (HellaSwag endings: 2 to 60+ tokens)
-MIN_BUCKET = 8  # rows; a smaller bucket always takes the next row (tiny matmuls cost more than padding)
-
-
-def length_buckets(rows: list, length: Callable, max_rows: int | None = None) -> list[list]:
-    """Rows sorted by length (longest first) cut into buckets whose right padding stays within BUCKET_SLACK
-    and that hold at most `max_rows` rows."""
-    out: list[list] = []
-    cur: list = []
-    real = 0
-    for r in sorted(rows, key=lambda r: -length(r)):
-        n = length(r)
-        full = max_rows is not None and len(cur) >= max_rows
-        if cur and (full or len(cur) >= MIN_BUCKET and (len(cur) + 1) * length(cur[0]) > BUCKET_SLACK * (real + n)):
-            out.append(cur)
-            cur, real = [], 0
-        cur.append(r)
-        real += n
-    if cur:
-        out.append(cur)
-    return out
-
-
 class LlmkitLM(TokenLM):
-    """A llmkit `Transformer` + tokenizer, scored with shared-context KV caching."""
+    """A llmkit `Transformer` + tokenizer, scored by packed tree attention (`llmkit.eval.packing`)."""
 
     def __init__(self, model, tokenizer, *, max_length: int | None = None, name: str = "llmkit",
                  batch_tokens: int | None = None):
@@ -208,103 +166,8 @@ class LlmkitLM(TokenLM):
         if model.cfg.arch == "encoder_decoder":
             raise ValueError("LlmkitLM scores decoder-only models; an encoder_decoder model needs its own adapter")
 
-    @torch.inference_mode()
     def score_pairs(self, pairs):
-        pairs = [self.truncate(c, x) for c, x in pairs]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            groups.setdefault(tuple(ctx), []).append(i)
-        # longest first: padding waste shrinks and an out-of-memory shows up on the first batch
-        order = sorted(groups, key=lambda c: -(len(c) + max(len(pairs[i][1]) for i in groups[c])))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        batch: list[tuple[int, ...]] = []
-        L = work_conts = 0
-        for ctx in order:
-            # work: every context once (padded to the batch's longest) + every continuation token (continuations
-            # run in length buckets, so they are barely padded)
-            L2, w2 = max(L, len(ctx)), work_conts + sum(len(pairs[i][1]) for i in groups[ctx])
-            if batch and (len(batch) + 1) * L2 + w2 > self.batch_tokens:
-                self._score_groups(batch, groups, pairs, results)
-                batch, L2, w2 = [], len(ctx), sum(len(pairs[i][1]) for i in groups[ctx])
-            batch.append(ctx)
-            L, work_conts = L2, w2
-        if batch:
-            self._score_groups(batch, groups, pairs, results)
-        return results
-
-    def _score_groups(self, ctxs, groups, pairs, results) -> None:
-        """The token prefix common to all contexts of the batch (few-shot demos, a task description) runs once;
-        each context's remainder (left-padded after it) then runs once into the KV cache; the continuations,
-        in buckets of similar length, then run on copies of their contexts' cache rows."""
-        dev, m = self.model.device, self.model
-        G = len(ctxs)
-        P = len(os.path.commonprefix(ctxs)) if G > 1 else 0
-        P = min(P, min(len(c) for c in ctxs) - 1)  # every context keeps a token of its own: its logits score
-        if P < MIN_SHARED_PREFIX:
-            P = 0
-        sufs = [c[P:] for c in ctxs]
-        L = max(len(x) for x in sufs)
-        ids = torch.zeros(G, L, dtype=torch.long, device=dev)
-        valid = torch.zeros(G, L, dtype=torch.bool, device=dev)
-        for g, x in enumerate(sufs):
-            ids[g, L - len(x):] = torch.tensor(x, device=dev)
-            valid[g, L - len(x):] = True
-        padded = not bool(valid.all())
-        cache = m.new_cache(1 if P else G, P + L)
-        if P:
-            m(torch.tensor([ctxs[0][:P]], device=dev), cache=cache, return_hidden=True)
-            cache.reorder(torch.zeros(G, dtype=torch.long, device=dev))
-        key_valid = torch.cat([torch.ones(G, P, dtype=torch.bool, device=dev), valid], 1)
-        pos = P + (valid.long().cumsum(1) - 1).clamp(min=0)
-        # only the last context position needs vocabulary logits: project that one hidden state
-        hidden = m(ids, positions=pos, attn_mask=key_valid if padded else None, cache=cache, return_hidden=True)
-        last = m.project(hidden[:, -1])  # [G, V]
-        ctx = _ContextBatch(cache, last, key_valid if padded else None, P + valid.sum(1))
-        members = [(g, i) for g, c in enumerate(ctxs) for i in groups[c]]
-        C = max(len(pairs[i][1]) for _, i in members)
-        # each bucket copies its rows' cache: bound those copies to 8 batches' worth of token rows
-        max_rows = max(1, 8 * self.batch_tokens // (P + L + C))
-        for rows in length_buckets(members, lambda r: len(pairs[r[1]][1]), max_rows):
-            self._score_continuations(ctx, rows, pairs, results)
-
-    def _score_continuations(self, ctx: "_ContextBatch", rows: list[tuple[int, int]], pairs, results) -> None:
-        """Score the continuations `rows` [(context row, pair index)] on a copy of their contexts' KV cache rows
-        (right padding needs no mask: causal attention never lets a real token see a later pad). Vocabulary
-        logits are projected for real positions only, and log p comes from logsumexp (no [N, V] log-softmax)."""
-        dev, m = self.model.device, self.model
-        conts = [pairs[i][1] for _, i in rows]
-        R, C = len(rows), max(len(x) for x in conts)
-        owner = torch.tensor([g for g, _ in rows], device=dev)
-        tgt = torch.zeros(R, C, dtype=torch.long, device=dev)
-        for r, x in enumerate(conts):
-            tgt[r, :len(x)] = torch.tensor(x, device=dev)
-        logits = [ctx.last.index_select(0, owner)]  # first continuation token of every row
-        targets = [tgt[:, 0]]
-        row_of = [torch.arange(R, device=dev)]
-        if C > 1:
-            n = ctx.cache.length
-            sub = m.new_cache(R, n + C - 1)
-            for dst, src in ((sub.k, ctx.cache.k), (sub.v, ctx.cache.v)):
-                for layer, t in enumerate(src):
-                    dst[layer][:, :, :n] = t[:, :, :n].index_select(0, owner)
-            sub.length = n
-            step_pos = ctx.next_pos[owner][:, None] + torch.arange(C - 1, device=dev)[None]
-            mask = None
-            if ctx.key_valid is not None:
-                mask = torch.cat([ctx.key_valid[owner], torch.ones(R, C - 1, dtype=torch.bool, device=dev)], 1)
-            hidden = m(tgt[:, :-1], positions=step_pos, attn_mask=mask, cache=sub, return_hidden=True)
-            lens = torch.tensor([len(x) for x in conts], device=dev)
-            keep = torch.arange(C - 1, device=dev)[None] < (lens - 1)[:, None]  # [R, C-1] real positions
-            r_idx, t_idx = keep.nonzero(as_tuple=True)
-            logits.append(m.project(hidden[r_idx, t_idx]))
-            targets.append(tgt[r_idx, t_idx + 1])
-            row_of.append(r_idx)
-        lp, miss = zip(*(_target_logprobs(x, t) for x, t in zip(logits, targets)))
-        lp, miss, rows_all = torch.cat(lp), torch.cat(miss), torch.cat(row_of)
-        sums = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(0, rows_all, lp.double())
-        misses = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, rows_all, miss)
-        for r, (_, i) in enumerate(rows):
-            results[i] = (float(sums[r]), not bool(misses[r]))
+        return score_packed(self.model, [self.truncate(c, x) for c, x in pairs], self.batch_tokens, self.max_length)
 
     @torch.inference_mode()
     def generate_ids(self, prompts, *, max_new_tokens, temperature, top_p, seed, stop_fn):

@@ -1,11 +1,12 @@
 """The model interface: scoring equals a manual log-prob sum; caching/batching change nothing; generation."""
 import math
+import os
 
 import pytest
 import torch
 
-from llmkit.eval import lm as lm_mod
-from llmkit.eval.lm import HFLM, LlmkitLM, bits_per_byte, length_buckets, rolling_windows
+from llmkit.eval import packing
+from llmkit.eval.lm import HFLM, LlmkitLM, bits_per_byte, rolling_windows
 
 
 def manual_logprob(model, ctx, cont):
@@ -49,35 +50,71 @@ def test_batching_and_prefix_cache_do_not_change_scores(tiny, batch_tokens):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_length_buckets_cover_rows_once_and_bound_padding():
+def test_pack_covers_items_once_within_capacity():
     lengths = [1, 40, 3, 3, 17, 2, 60, 5, 5, 8, 9, 30, 2, 2, 11, 12, 13, 25, 1, 4] * 3
-    rows = list(range(len(lengths)))
-    buckets = length_buckets(rows, lambda r: lengths[r], max_rows=10)
-    assert sorted(r for b in buckets for r in b) == rows
-    for b in buckets:
-        assert len(b) <= 10
-        real, padded = sum(lengths[r] for r in b), len(b) * max(lengths[r] for r in b)
-        if len(b) > lm_mod.MIN_BUCKET:  # a bucket grows past MIN_BUCKET only while its padding stays in bounds
-            assert padded <= lm_mod.BUCKET_SLACK * real
-    assert length_buckets([], len) == []
+    rows = packing.pack(lengths, 64)
+    assert sorted(j for r in rows for j in r) == list(range(len(lengths)))
+    assert all(sum(lengths[j] for j in r) <= 64 for r in rows)
+    assert len(rows) <= -(-sum(lengths) // 64) + 1  # first-fit decreasing: at most one row more than the bound
+    assert packing.pack([70, 3], 64)[0] == [0]  # too long for a row: a row of its own
+    assert packing.pack(lengths, None) == [[j] for j in sorted(range(len(lengths)), key=lambda j: -lengths[j])]
+    assert packing.pack([], 64) == []
 
 
-@pytest.mark.parametrize("min_bucket,batch_tokens", [(1, 4096), (1, 16), (8, 4096)])
-def test_length_bucketed_continuations_equal_manual_sums(tiny, monkeypatch, min_bucket, batch_tokens):
-    """Many continuations of very different lengths per context: each bucket runs on its own copy of the
-    context cache rows (left-padded contexts, shared prefix) and must still give the exact manual sums."""
-    monkeypatch.setattr(lm_mod, "MIN_BUCKET", min_bucket)
-    model, tok = tiny
-    lm = LlmkitLM(model, tok, batch_tokens=batch_tokens)
-    words = "the cat sat on a mat and then it ran far away over hills to the sea".split()
-    reqs = [(ctx, " " + " ".join(words[:n])) for ctx in ("Once upon a time there was a story about", "Once upon a",
-                                                          "Q: where?\nA:") for n in (1, 2, 3, 7, 12, 17, 5)]
+def _check_manual(lm, model, reqs):
     got = lm.loglikelihood(reqs)
     for (c, x), (lp, greedy) in zip(reqs, got):
         ctx, cont = lm.encode_pair(c, x)
         assert lp == pytest.approx(manual_logprob(model, ctx, cont), abs=1e-4)
         argmax = model(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1].argmax(-1).tolist()
         assert greedy == (argmax == cont)
+
+
+WORDS = "the cat sat on a mat and then it ran far away over hills to the sea".split()
+MANY = [(ctx, " " + " ".join(WORDS[:n])) for ctx in ("Once upon a time there was a story about", "Once upon a",
+                                                     "Q: where?\nA:") for n in (1, 2, 3, 7, 12, 17, 5)]
+
+
+@pytest.mark.parametrize("row_tokens,batch_tokens", [(256, 4096), (16, 4096), (256, 16), (40, 64)])
+def test_packed_tree_scoring_equals_manual_sums(tiny, monkeypatch, row_tokens, batch_tokens):
+    """Several items per row, each context shared by continuations of very different lengths under the tree
+    mask, rows split over batches: every pair still gets its own-sequence log-prob and greedy flag."""
+    monkeypatch.setattr(packing, "ROW_TOKENS", row_tokens)
+    model, tok = tiny
+    _check_manual(LlmkitLM(model, tok, batch_tokens=batch_tokens), model, MANY + REQS)
+
+
+def test_shared_fewshot_prefix_runs_once_and_stays_exact(tiny, monkeypatch):
+    model, tok = tiny
+    demo = "Q: what is one plus one?\nA: two\n\nQ: what is two plus two?\nA: four\n\n"
+    reqs = [(demo + q, a) for q in ("Q: what is three plus three?\nA:", "Q: what is one plus two?\nA:")
+            for a in (" six", " three", " nine and more words")]
+    calls = []
+    forward = type(model).forward
+
+    def spy(self, ids, **kw):
+        calls.append(tuple(ids.shape))
+        return forward(self, ids, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    _check_manual(LlmkitLM(model, tok), model, reqs)
+    lm = LlmkitLM(model, tok)
+    ctxs = [lm.encode_pair(c, x)[0] for c, x in reqs]
+    shared = len(os.path.commonprefix(ctxs))
+    assert shared >= len(lm.encode(demo)) - 1
+    assert calls[0] == (1, shared)  # the prefix alone, once; then the packed rows
+    assert len(calls) == 2 + 2 * len(reqs)  # one batch of packed rows; then two reference calls per pair
+
+
+def test_slot_position_models_score_one_pair_per_row(tiny):
+    """ALiBi biases attention by slot distance, so tree packing would change scores: such models get one pair
+    per row and stay exact."""
+    from eval_util import tiny_model
+
+    tok = tiny[1]
+    model = tiny_model(tok.vocab_size, pos="alibi")
+    assert not packing.tree_packing_ok(model.cfg)
+    _check_manual(LlmkitLM(model, tok), model, MANY[:8] + REQS)
 
 
 def test_hf_adapter_matches_llmkit_on_the_same_weights(tiny):
