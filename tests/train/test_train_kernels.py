@@ -148,3 +148,30 @@ def test_fused_loss_bf16_confident_predictions():
     gh, = torch.autograd.grad(out, h)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=1e-4)
     assert (gh - gh_ref).norm() / gh_ref.norm() < 2e-2
+
+
+def test_bf16_training_step_takes_the_training_kernels(monkeypatch):
+    """A bf16 Trainer step on CPU runs CausalAttention in every layer and the RMSNorm/RoPE Functions."""
+    from llmkit.model import ModelConfig, Transformer
+    from llmkit.train.config import TrainConfig
+    from llmkit.train.trainer import Trainer
+
+    calls = {"attn": 0, "norm": 0, "rope": 0}
+
+    def counting(fn, key):
+        def wrapped(*a):
+            calls[key] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(CausalAttention, "apply", counting(CausalAttention.apply, "attn"))
+    monkeypatch.setattr(Lyr._RMSNormGrad, "apply", counting(Lyr._RMSNormGrad.apply, "norm"))
+    monkeypatch.setattr(Lyr._RopeGrad, "apply", counting(Lyr._RopeGrad.apply, "rope"))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, pos="rope",
+                      activation="swiglu", norm="rmsnorm")
+    tr = Trainer(Transformer(cfg), TrainConfig(max_steps=1, micro_batch_size=2, seq_len=16, dtype="bf16",
+                                               progress=False, tensorboard=False), iter(()))
+    x = torch.randint(0, 64, (2, 17))
+    loss, _ = tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+    assert calls == {"attn": 3, "norm": 2 * 3 + 1, "rope": 2 * 3}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.raw_model.parameters())
