@@ -41,6 +41,8 @@ def test_causal_attention_used_only_where_it_applies():
         assert not use_causal_attention(q, k, v)  # inference keeps SDPA
     assert not use_causal_attention(q.float(), k.float(), v.float())  # fp32: SDPA is as fast
     assert not use_causal_attention(q, k[:, :, :4], v[:, :, :4])  # queries against a longer cache
+    q2, k2, v2, _ = _qkv(1, 4, 1, 4096, 8, torch.bfloat16)  # 4 x 4096^2 saved scores: SDPA's O(T) memory wins
+    assert not use_causal_attention(q2, k2, v2)
 
 
 def test_rmsnorm_grad_equals_autograd():
