@@ -9,9 +9,9 @@ token run, the context followed by every continuation but its last token:
 
 and an attention mask lets each continuation see the context and its own earlier tokens only, so every token
 gets exactly the logits it would get in its own sequence, while the context runs once. Items are packed
-first-fit into rows of ROW_TOKENS (mask blocks keep items apart), so a batch is real tokens almost only:
-on a HellaSwag + ARC-Easy slice 4.7k real tokens are computed, against 11.1k for per-pair scoring and 5.9k
-for the cache-and-copy scheme with its padding. A token prefix common to all contexts (few-shot demos) runs
+into rows of about ROW_TOKENS (mask blocks keep items apart), so a batch is real tokens almost only:
+on a 40 + 40 item HellaSwag + ARC-Easy slice 5.0k token positions are computed (4.7k real), against 11.1k
+for per-pair scoring and 5.9k for the cache-and-copy scheme with its padding. A token prefix common to all contexts (few-shot demos) runs
 once into a cache that every row starts from. Vocabulary logits are projected only at scored positions, in
 chunks, and reduced by one native sweep (`llmkit.infer.native.logit_stats`).
 
@@ -20,6 +20,7 @@ windows) get one pair per row instead: still exact, without the sharing.
 """
 from __future__ import annotations
 
+import heapq
 import os
 from typing import Sequence
 
@@ -30,7 +31,6 @@ from llmkit.infer.native import logit_stats
 ROW_TOKENS = 256  # packed row length: HellaSwag items (~115 tokens) go two to a row; attention cost grows with it
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth its own forward call
 PROJECT_CHUNK = 512  # scored positions projected at once: 512 x 49k float32 logits = 100 MB
-OPEN_ROWS = 64  # first-fit looks at the last rows opened only (linear time on large request sets)
 
 Pair = tuple[list[int], list[int]]
 
@@ -41,21 +41,22 @@ def tree_packing_ok(cfg) -> bool:
 
 
 def pack(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
-    """Indices of `lengths` packed first-fit decreasing into rows of at most `capacity` tokens (None: one item
-    per row); an item longer than the capacity gets a row of its own."""
+    """Indices of `lengths` spread over ceil(total / capacity) rows, longest first, each to the least-filled
+    row (LPT scheduling): rows end up within one item of each other, so a batch padded to its widest row
+    wastes little (first-fit into 256-token rows left the last rows nearly empty: 9% padding on the bench
+    slice, 8% this way, most of it HellaSwag's 150-token items that cannot be split).
+    None: one item per row, longest first."""
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
-    rows: list[list[int]] = []
-    room: list[int] = []
+    if capacity is None:
+        return [[j] for j in order]
+    n_rows = min(len(lengths), max(1, -(-sum(lengths) // capacity)))  # never an empty row
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    heap = [(0, r) for r in range(n_rows)]
     for j in order:
-        n = lengths[j]
-        for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)):
-            if capacity is not None and room[r] >= n:
-                rows[r].append(j)
-                room[r] -= n
-                break
-        else:
-            rows.append([j])
-            room.append((capacity or 0) - n)
+        load, r = heapq.heappop(heap)
+        rows[r].append(j)
+        heapq.heappush(heap, (load + lengths[j], r))
+    rows.sort(key=lambda r: -sum(lengths[j] for j in r))
     return rows
 
 
@@ -105,7 +106,7 @@ def score_packed(model, pairs: list[Pair], batch_tokens: int, max_length: int) -
     tree = tree_packing_ok(model.cfg)
     items = [(c, groups[c]) for c in ctxs] if tree else [(c, [i]) for c in ctxs for i in groups[c]]
     lengths = [len(c) - P + sum(len(pairs[i][1]) - 1 for i in idx) for c, idx in items]
-    capacity = max(max(lengths), min(ROW_TOKENS, max_length + 1)) if tree else None
+    capacity = min(ROW_TOKENS, max_length + 1) if tree else None
     rows = []
     for members in pack(lengths, capacity):
         row = _Row()

@@ -50,13 +50,15 @@ def test_batching_and_prefix_cache_do_not_change_scores(tiny, batch_tokens):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_pack_covers_items_once_within_capacity():
+def test_pack_covers_items_once_in_balanced_rows():
     lengths = [1, 40, 3, 3, 17, 2, 60, 5, 5, 8, 9, 30, 2, 2, 11, 12, 13, 25, 1, 4] * 3
     rows = packing.pack(lengths, 64)
     assert sorted(j for r in rows for j in r) == list(range(len(lengths)))
-    assert all(sum(lengths[j] for j in r) <= 64 for r in rows)
-    assert len(rows) <= -(-sum(lengths) // 64) + 1  # first-fit decreasing: at most one row more than the bound
-    assert packing.pack([70, 3], 64)[0] == [0]  # too long for a row: a row of its own
+    assert len(rows) == -(-sum(lengths) // 64)
+    loads = [sum(lengths[j] for j in r) for r in rows]
+    assert loads == sorted(loads, reverse=True) and loads[0] - loads[-1] <= max(lengths)
+    assert packing.pack([70, 3], 64) == [[0], [1]]  # an item longer than a row: a row of its own
+    assert packing.pack([200], 40) == [[0]]
     assert packing.pack(lengths, None) == [[j] for j in sorted(range(len(lengths)), key=lambda j: -lengths[j])]
     assert packing.pack([], 64) == []
 
