@@ -244,7 +244,8 @@ def throughput(args) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(4)]
     fpt = flops_per_token(mcfg, T)
-    out = {"params": mcfg.num_params(), "flops_per_token": fpt}
+    out = {"params": mcfg.num_params(), "flops_per_token": fpt, "loadavg_start": os.getloadavg()[0]}
+    print(f"throughput: B={B} T={T} d={d} L={L} V={V}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
     for dtype in ("fp32", "bf16"):
         peak = measured_peak_flops(dtype, "cpu", seconds=1.0)
         ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
@@ -293,6 +294,7 @@ def throughput(args) -> dict:
         ratio = rates["llmkit"] / rates["transformers"]
         cpu_ratio = cpu_rates["llmkit"] / cpu_rates["transformers"]
         print(f"{dtype} llmkit/transformers = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time (target >= 1.3x)", flush=True)
+        print(f"{dtype} done, load average {os.getloadavg()[0]:.2f}", flush=True)
         out[dtype] = {"peak_flops": peak, **{f"{k}_tok_s": v for k, v in rates.items()},
                       **{f"{k}_mfu": v * fpt / peak for k, v in rates.items()}, "ratio": ratio, "cpu_ratio": cpu_ratio}
     return out
