@@ -143,7 +143,9 @@ class Rotary(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rot_dim channels of x [B, H, T, hd] (rotate-half layout, as in HF/NeoX)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    # under torch.compile the plain ops are traced and fused instead (the out= writes into slices of
+    # `_rope_halves` do not survive AOT autograd's functionalisation)
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
         return _RopeGrad.apply(x, cos, sin)
     return _rope(x, cos, sin)
 

@@ -177,3 +177,20 @@ def test_bf16_training_step_takes_the_training_kernels(monkeypatch):
     loss, _ = tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
     assert calls == {"attn": 3, "norm": 2 * 3 + 1, "rope": 2 * 3}
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.raw_model.parameters())
+
+
+@pytest.mark.slow
+def test_rope_under_torch_compile():
+    """torch.compile (TrainConfig.compile) traces the plain RoPE ops: same values and gradient."""
+    g = torch.Generator().manual_seed(5)
+    f = torch.rand(8, generator=g)
+    emb = torch.cat([f, f])[None, None, None] * torch.arange(6.0)[:, None]
+    cos, sin = emb.cos()[None], emb.sin()[None]
+    x = torch.randn(2, 3, 6, 16, generator=g, requires_grad=True)
+    compiled = torch.compile(lambda t: Lyr.apply_rope(t, cos, sin))
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    ref = Lyr._rope(x, cos, sin)
+    (gr,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gr)
