@@ -99,7 +99,11 @@ def main() -> None:
                          "for a descheduled thread at every op)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="both sides' weights and activations (bfloat16: oneDNN bf16 matmuls, AMX where the CPU has it)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the command timings (e); best is kept")
+    ap.add_argument("--only-commands", action="store_true", help="only (e), the two commands' wall time")
     args = ap.parse_args()
+    if args.only_commands:
+        return commands(args)
     print(f"load average at start: {_loadavg()}; dtype {args.dtype}")
 
     import torch
@@ -150,6 +154,8 @@ def main() -> None:
     if args.skip_e2e:
         return
     e2e(args, ours, hf, t_load_ours, t_load_hf)
+    del ours, hf, model
+    commands(args)
 
 
 def e2e(args, ours, hf, t_load_ours: float, t_load_hf: float) -> None:
@@ -184,6 +190,60 @@ def e2e(args, ours, hf, t_load_ours: float, t_load_hf: float) -> None:
               f"speed-up {t_hf / t_ours:.2f}x")
         print(f"    + model load from the GGUF: llmkit {t_ours + t_load_ours:.2f}s  lm-eval {t_hf + t_load_hf:.2f}s  "
               f"speed-up {(t_hf + t_load_hf) / (t_ours + t_load_ours):.2f}x")
+
+def commands(args) -> None:
+    """(e) the two commands a user runs, as subprocesses from process start to results on disk (imports, model
+    load from the same GGUF, task building, scoring, writing): `llmkit eval` vs `lm-eval run --model hf` at each
+    --hf-batch size on the same local task files; best of --rounds interleaved rounds; same-pick rate from the
+    samples each command wrote."""
+    import json
+    import subprocess
+
+    from llmkit.eval.lm_eval_adapter import write_local_tasks
+    from llmkit.interop.loading import resolve_alias
+
+    gguf = resolve_alias("smollm2-135m-instruct")
+    names = args.tasks.split(",")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or os.cpu_count()), "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_local_tasks(SHARED, Path(tmp) / "tasks", tasks=tuple(names))  # lm-eval reads these YAMLs
+        ours = [sys.executable, "-m", "llmkit", "eval", "smollm2-135m-instruct", "--tasks", args.tasks, "--limit",
+                str(args.n), "--dtype", args.dtype, "--no-progress", "--output", f"{tmp}/ours"]
+        if args.threads:
+            ours += ["--threads", str(args.threads)]
+
+        def peer(b):
+            return [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                    f"pretrained={gguf.parent},gguf_file={gguf.name},dtype={args.dtype}", "--tasks", ",".join(local),
+                    "--include_path", f"{tmp}/tasks", "--limit", str(args.n), "--batch_size", str(b), "--device", "cpu",
+                    "--output_path", f"{tmp}/peer{b}", "--log_samples"]
+
+        cmds = {"llmkit": ours, **{f"lm-eval b={b}": peer(b) for b in (int(x) for x in args.hf_batch.split(","))}}
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, cmd in cmds.items():
+                t = time.perf_counter()
+                r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit(f"{name} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+        mine = [json.loads(x) for x in open(f"{tmp}/ours/samples.jsonl")]
+        print(f"\n(e) commands, process start to results (best of {args.rounds}), threads {args.threads}, "
+              f"load average {_loadavg()}")
+        print(f"    llmkit eval: {best['llmkit']:.2f}s")
+        for b in (int(x) for x in args.hf_batch.split(",")):
+            picks_peer = {}
+            for f in Path(f"{tmp}/peer{b}").rglob("samples_*.jsonl"):
+                task = next(n for n, ln in zip(names, local) if f.name.startswith(f"samples_{ln}_"))
+                for x in map(json.loads, open(f)):
+                    lps = [float(r[0]) for r in x["filtered_resps"]]
+                    picks_peer[(task, x["doc_id"])] = max(range(len(lps)), key=lps.__getitem__)
+            same = [picks_peer.get((task, doc_id)) == row["pred"]  # samples.jsonl keeps each task's item order
+                    for task in names for doc_id, row in enumerate(r for r in mine if r["task"] == task)]
+            t_peer = best[f"lm-eval b={b}"]
+            print(f"    lm-eval run --batch_size {b}: {t_peer:.2f}s  speed-up {t_peer / best['llmkit']:.2f}x  "
+                  f"same pick {sum(same) / len(same):.3f} of {len(same)}")
+
 
 if __name__ == "__main__":
     main()
