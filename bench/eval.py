@@ -18,15 +18,12 @@ Usage: .venv/bin/python bench/eval.py [--n 40] [--hf-batch 1,16] [--tasks hellas
        [--fewshot K] [--threads N] [--dtype float32|bfloat16]
 The >= 500-item agreement run: bench/eval.py --n 500 --skip-e2e --hf-batch 16
        --tasks hellaswag,arc_easy,mmlu_anatomy,mmlu_astronomy,mmlu_college_biology,mmlu_high_school_geography
-Recorded (2026-11-29, shared 2-core machine, threads 1):
-  n=500 run (load average 7-10; llmkit side still the scorer before length buckets): HellaSwag 0.3680/0.3680,
-  ARC-Easy 0.4920/0.4920, MMLU anatomy+astronomy+college_biology+high_school_geography (full test splits, 629
-  items) 0.2035/0.2035 (llmkit/lm-eval), same pick on 100% of items, max |d log p| 7.4e-5; wall time 2700 s vs
-  1264 s (0.47x: that scorer padded every choice to the longest and fanned out cache + [rows, C, V] log-softmax).
-  n=40 run, current scorer (load average 5.3-6.7): scoring 18.4 s vs 41.0 s (2.23x), harness 32.0 s vs 52.0 s
-  (1.63x), with model load 38.2 s vs 82.3 s (2.16x), identical accuracy and picks. Exact fp32 scoring cannot
-  pass ~2.6x against lm-eval at batch 16 on this slice: counted matrix work is 2.58x less (HellaSwag 2.28x:
-  its four ~14-token endings are as long as the context and must all run; ARC-Easy 3.20x).
+Recorded (2026-11-29, threads 1, load average ~1; details in docs/LOG.md): n=40, identical picks 80/80 in every
+  comparison. llmkit vs lm-eval at batch 1 / batch 16: scoring 12.45 s vs 57.95 / 31.80 s (4.65x / 2.55x);
+  harness 4.12x / 2.26x; + model load 5.36x / 3.60x; the two commands 16.4 s vs 97.9 / 75.1 s (5.98x / 4.58x).
+  n=500 run (1629 items, load ~2): scoring 2.02x at batch 16, identical accuracy and picks on every task.
+  Exact float32 scoring is matmul-bound: against batch 16 it cannot pass the ratio of computed tokens (~2.2x on
+  this slice, plus lm-eval's vocabulary projection at every position).
 """
 from __future__ import annotations
 
