@@ -46,9 +46,9 @@ class _RMSNormGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, offset: float):
         xf = x.float()
-        d = xf.shape[-1]
-        # one pass for the mean square: ||x||^2 / d
-        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
+        # the same operations as `Norm.forward`, so a model's output does not depend, to the last bit, on
+        # whether its weights require gradients (frozen base vs adapter, DPO policy vs reference)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         w = weight.float() + offset if offset else weight.float()
         xh = xf * r  # kept for the backward: one [N, d] pass less there
         ctx.save_for_backward(xh, r, w)
@@ -145,8 +145,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first rot_dim channels of x [B, H, T, hd] (rotate-half layout, as in HF/NeoX)."""
     # under torch.compile the plain ops are traced and fused instead (the out= writes into slices of
     # `_rope_halves` do not survive AOT autograd's functionalisation)
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and x.requires_grad and not compiling:
         return _RopeGrad.apply(x, cos, sin)
+    if cos.shape[-1] == x.shape[-1] and x.dtype in (torch.float32, torch.float64) and not compiling:
+        # the training Function's arithmetic (float32 is its own compute type), so outputs are bit-identical
+        # with and without gradients; and no rotated copy
+        half = x.shape[-1] // 2
+        return _rope_halves(x, cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype))
     return _rope(x, cos, sin)
 
 

@@ -194,3 +194,21 @@ def test_rope_under_torch_compile():
     (gr,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gx, gr)
+
+
+def test_float32_output_does_not_depend_on_requires_grad():
+    """Frozen-base adapters, DPO's reference vs policy and PEFT's 'init equals base' compare a model with and
+    without gradients: in float32 the training Functions (RMSNorm, RoPE) give the inference path's bits."""
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    max_seq_len=32, norm="rmsnorm", pos="rope", activation="swiglu"))
+    ids = torch.randint(0, 64, (2, 12))
+    with_grad = model(ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids), with_grad)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert torch.equal(model(ids), with_grad)
