@@ -27,6 +27,7 @@ import torch
 from ..model.layers import activation_base
 
 SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode.cpp", "logits.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / "bf16.h"]  # part of the cache key, not compiled on their own
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 BLOCK = 32  # weights per Q4_1 block
@@ -49,7 +50,7 @@ def load_extension():
     """The compiled module, or None (warned once) when it cannot be built here."""
     if os.environ.get("LLMKIT_NATIVE", "1") == "0":
         return None
-    src_hash = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    src_hash = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
     name = f"llmkit_decode_{src_hash}_{_cpu_tag()}"
     try:
         from torch.utils.cpp_extension import load
@@ -101,12 +102,10 @@ def pack_q4_1(w: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    """Dequantise [N, K/32, 20] Q4_1 blocks to float32 [N, K] (w = q * d + m)."""
-    N, nb, _ = blocks.shape
-    dm = blocks[..., :4].contiguous().view(torch.float16).float()  # [N, nb, 2]
-    qs = blocks[..., 4:].to(torch.int32)
-    q = torch.cat([qs & 15, qs >> 4], -1).float()
-    return (q * dm[..., :1] + dm[..., 1:]).reshape(N, nb * BLOCK)
+    """Dequantise [N, K/32, 20] Q4_1 blocks to float32 [N, K] (w = q * d + m), as the GGUF reader does."""
+    from ..interop.gguf_reader import Q4_1, dequantize_blocks
+
+    return dequantize_blocks(blocks.contiguous().reshape(-1), Q4_1).reshape(blocks.shape[0], -1)
 
 
 def qlinear(ext, w: torch.Tensor, b: torch.Tensor | None, kind: str):

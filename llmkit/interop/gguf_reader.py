@@ -28,8 +28,10 @@ MAGIC = b"GGUF"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-# ggml types read here without the gguf package: (weights per block, bytes per block)
+# ggml types dequantised here in torch, and the bytes of one 32-weight block of the quantised ones
+# (ggml-common.h: block_q4_0 = fp16 d + 16 nibble bytes, block_q4_1 = fp16 d, m + 16, block_q8_0 = fp16 d + 32)
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
 
 @dataclass
@@ -132,30 +134,9 @@ def _n_bytes(shape: tuple[int, ...], ggml_type: int, name: str, path) -> int:
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
     """float32 tensor of `shape` from the raw bytes of one GGUF tensor."""
-    b = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # one copy: the memory map is read-only
-    if ggml_type == F32:
-        return b.view(torch.float32).reshape(shape)
-    if ggml_type == F16:
-        return b.view(torch.float16).float().reshape(shape)
-    if ggml_type == BF16:
-        return b.view(torch.bfloat16).float().reshape(shape)
-    if ggml_type in (Q4_0, Q4_1, Q8_0):
-        nbytes = {Q4_0: 18, Q4_1: 20, Q8_0: 34}[ggml_type]
-        blocks = b.view(-1, nbytes)
-        head = 4 if ggml_type == Q4_1 else 2
-        scales = blocks[:, :head].contiguous().view(torch.float16).float()  # d (and m for Q4_1)
-        qs = blocks[:, head:]
-        if ggml_type == Q8_0:  # w = d * q, q int8
-            q = qs.contiguous().view(torch.int8).float()
-        else:  # low nibbles are weights 0..15 of the block, high nibbles 16..31
-            qi = qs.to(torch.int16)
-            q = torch.cat([qi & 15, qi >> 4], 1).float()
-            if ggml_type == Q4_0:  # w = d * (q - 8)
-                q -= 8
-        w = q * scales[:, :1]
-        if ggml_type == Q4_1:  # w = d * q + m
-            w += scales[:, 1:]
-        return w.reshape(shape)
+    if ggml_type in (F32, F16, BF16, Q4_0, Q4_1, Q8_0):
+        b = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # one copy: the memory map is read-only
+        return dequantize_blocks(b, ggml_type).reshape(shape)
     import gguf
 
     try:
@@ -164,3 +145,27 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], what: st
         raise LoadError(f"{what} has GGUF type {gguf.GGMLQuantizationType(ggml_type).name} which gguf cannot "
                         f"dequantise ({e})") from None
     return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
+
+
+def dequantize_blocks(b: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Flat float32 weights from the bytes `b` (uint8) of F32, F16, BF16, Q8_0 (w = d q), Q4_0 (w = d (q - 8))
+    or Q4_1 (w = d q + m) data; d and m are float16 at the head of each 32-weight block."""
+    if ggml_type == F32:
+        return b.view(torch.float32)
+    if ggml_type in (F16, BF16):
+        return b.view(torch.float16 if ggml_type == F16 else torch.bfloat16).float()
+    blocks = b.view(-1, _BLOCK_BYTES[ggml_type])
+    head = 4 if ggml_type == Q4_1 else 2
+    scales = blocks[:, :head].contiguous().view(torch.float16).float()  # d (and m for Q4_1)
+    qs = blocks[:, head:]
+    if ggml_type == Q8_0:
+        q = qs.contiguous().view(torch.int8).float()
+    else:  # low nibbles are weights 0..15 of the block, high nibbles 16..31
+        qi = qs.to(torch.int16)
+        q = torch.cat([qi & 15, qi >> 4], 1).float()
+        if ggml_type == Q4_0:
+            q -= 8
+    w = q * scales[:, :1]
+    if ggml_type == Q4_1:
+        w += scales[:, 1:]
+    return w.reshape(-1)

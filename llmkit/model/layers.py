@@ -31,10 +31,18 @@ class Norm(nn.Module):
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormGrad.apply(x, self.weight, self.eps, self.offset)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float() + self.offset if self.offset else self.weight.float()
-        return (xf * w).to(x.dtype)
+        xh, _, w = _rms_parts(x, self.weight, self.eps, self.offset)
+        return (xh * w).to(x.dtype)
+
+
+def _rms_parts(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+    """float32 x * r, r = rsqrt(mean(x^2) + eps), and the (offset) weight: the one RMSNorm arithmetic of the
+    inference path and the training Function, so a model's output does not depend, to the last bit, on
+    whether its weights require gradients (frozen base vs adapter, DPO policy vs reference)."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.float() + offset if offset else weight.float()
+    return xf * r, r, w
 
 
 class _RMSNormGrad(torch.autograd.Function):
@@ -45,12 +53,7 @@ class _RMSNormGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, offset: float):
-        xf = x.float()
-        # the same operations as `Norm.forward`, so a model's output does not depend, to the last bit, on
-        # whether its weights require gradients (frozen base vs adapter, DPO policy vs reference)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        w = weight.float() + offset if offset else weight.float()
-        xh = xf * r  # kept for the backward: one [N, d] pass less there
+        xh, r, w = _rms_parts(x, weight, eps, offset)  # xh kept for the backward: one [N, d] pass less there
         ctx.save_for_backward(xh, r, w)
         ctx.wdtype, ctx.xdtype = weight.dtype, x.dtype
         return (xh * w).to(x.dtype)
@@ -148,12 +151,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     compiling = torch.compiler.is_compiling()
     if torch.is_grad_enabled() and x.requires_grad and not compiling:
         return _RopeGrad.apply(x, cos, sin)
-    if cos.shape[-1] == x.shape[-1] and x.dtype in (torch.float32, torch.float64) and not compiling:
-        # the training Function's arithmetic (float32 is its own compute type), so outputs are bit-identical
-        # with and without gradients; and no rotated copy
-        half = x.shape[-1] // 2
-        return _rope_halves(x, cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype))
-    return _rope(x, cos, sin)
+    # float32/float64 are their own compute type: the training Function's two-halves arithmetic, so outputs
+    # are bit-identical with and without gradients (and no rotated copy); bfloat16 rotates in float32
+    tables = _half_tables(x, cos, sin) if x.dtype in (torch.float32, torch.float64) and not compiling else None
+    return _rope_halves(x, *tables) if tables else _rope(x, cos, sin)
+
+
+def _half_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """cos/sin of the first half in x's dtype when the rotation spans the whole head (`_rope_halves`), else None
+    (partial rotation)."""
+    if cos.shape[-1] != x.shape[-1]:
+        return None
+    half = cos.shape[-1] // 2
+    return cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
 
 
 class _RopeGrad(torch.autograd.Function):
@@ -166,15 +176,10 @@ class _RopeGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin):
-        if cos.shape[-1] == x.shape[-1]:
-            half = cos.shape[-1] // 2
-            c, s = cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
-            ctx.save_for_backward(c, s)
-            ctx.fast = True
-            return _rope_halves(x, c, s)
-        ctx.save_for_backward(cos, sin)
-        ctx.fast = False
-        return _rope(x, cos, sin)
+        tables = _half_tables(x, cos, sin)
+        ctx.fast = tables is not None
+        ctx.save_for_backward(*(tables or (cos, sin)))
+        return _rope_halves(x, *tables) if tables else _rope(x, cos, sin)
 
     @staticmethod
     def backward(ctx, g):

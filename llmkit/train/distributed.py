@@ -235,11 +235,16 @@ class TorchDist:
 
         set_model_state_dict(unwrap(model), sd, options=StateDictOptions(full_state_dict=True))
 
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters (and so optimizer states) are DTensor shards: FSDP2 or TP in a process group."""
+        return dist.is_initialized() and self.cfg.strategy not in ("none", "ddp")
+
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state a llmkit checkpoint stores. DDP: every rank holds all of it. FSDP2/TP: the
         states are DTensor shards; gather them full onto rank 0's CPU, keyed by parameter name (collective:
         every rank must call it)."""
-        if not dist.is_initialized() or self.cfg.strategy in ("none", "ddp"):
+        if not self.sharded:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -248,7 +253,7 @@ class TorchDist:
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
         """Inverse of `optimizer_state_dict`: every rank reads the full state and keeps its own shards."""
-        if not dist.is_initialized() or self.cfg.strategy in ("none", "ddp"):
+        if not self.sharded:
             optimizer.load_state_dict(sd)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

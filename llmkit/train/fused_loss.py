@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from .objectives import IGNORE
 # logits per chunk (8 MiB in bf16): each chunk ends in a float32 cast and sum of the whole [V, d] weight
 # gradient, so chunks are not tiny; measured at V=8192, d=384, 2048 rows, bf16, one core (bench/pretrain.py
 # shapes): 256 rows 135 ms, 512 rows 104 ms, 1024 rows 110 ms, 2048 rows 128 ms (fresh 32 MiB buffers page-fault)

@@ -69,7 +69,8 @@ def test_smollm2_equals_gguf():
     f = GGUFFile(path)
     meta, tensors = _reference(path)
     assert f.meta == meta
-    for t in f.tensors[:12]:
+    assert [t.name for t in f.tensors] == list(tensors)
+    for t in f.tensors:
         assert torch.equal(f.dequantize(t), tensors[t.name]), t.name
 
 

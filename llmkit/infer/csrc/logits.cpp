@@ -17,33 +17,25 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-inline float bf16_bits_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 template <typename T>
 inline float load1(const T* p) {
   if constexpr (std::is_same_v<T, float>) return *p;
-  else return bf16_bits_to_f32(*p);
+  else return llmkit::bf16_to_f32(*p);
 }
 
 #if defined(__AVX512F__)
 template <typename T>
 inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  }
+  if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
+  else return llmkit::widen_bf16(p);
 }
 
 // exp(x) for x <= 0 (x - max): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite);
