@@ -246,7 +246,7 @@ def throughput(args) -> dict:
     fpt = flops_per_token(mcfg, T)
     out = {"params": mcfg.num_params(), "flops_per_token": fpt, "loadavg_start": os.getloadavg()[0]}
     print(f"throughput: B={B} T={T} d={d} L={L} V={V}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
-    for dtype in ("fp32", "bf16"):
+    for dtype in args.dtypes.split(","):
         peak = measured_peak_flops(dtype, "cpu", seconds=1.0)
         ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
 
@@ -277,14 +277,16 @@ def throughput(args) -> dict:
             tr._apply()
 
         rates, cpu_rates = {}, {}
-        for name, step in (("transformers", hf_step), ("llmkit", lk_step), ("transformers", hf_step), ("llmkit", lk_step)):
+        for name, step in (("transformers", hf_step), ("llmkit", lk_step)) * args.rounds:
             for i in range(args.warmup):
                 step(i)
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(args.steps):
                 step(i)
             tps = args.steps * B * T / (time.perf_counter() - t0)
-            rates[name] = max(rates.get(name, 0.0), tps)  # best of two interleaved rounds (shared machine)
+            if args.verbose:
+                print(f"  {dtype} {name}: {tps:.0f} tok/s", flush=True)
+            rates[name] = max(rates.get(name, 0.0), tps)  # best of the interleaved rounds (shared machine)
             # tokens per CPU-second per thread: robust to other processes taking the cores
             cps = args.steps * B * T / (time.process_time() - c0) * args.threads
             cpu_rates[name] = max(cpu_rates.get(name, 0.0), cps)
@@ -311,6 +313,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="(b): sequences of 256 tokens per step")
     ap.add_argument("--warmup", type=int, default=2, help="(b): untimed steps per round")
     ap.add_argument("--compile", action="store_true", help="(b): torch.compile the llmkit model")
+    ap.add_argument("--verbose", action="store_true", help="(b): print every round")
+    ap.add_argument("--rounds", type=int, default=2, help="(b): interleaved rounds per engine (best is kept)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="(b): comma-separated, of fp32 and bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in (None, "quality"):

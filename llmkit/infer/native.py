@@ -26,8 +26,8 @@ import torch
 
 from ..model.layers import activation_base
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode.cpp", "logits.cpp")]
-HEADERS = [Path(__file__).with_name("csrc") / "bf16.h"]  # part of the cache key, not compiled on their own
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode.cpp", "logits.cpp", "attention.cpp", "train_ops.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / n for n in ("bf16.h", "vexp.h")]  # part of the cache key, not compiled on their own
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 BLOCK = 32  # weights per Q4_1 block

@@ -8,7 +8,11 @@ Implements:
 - `Attention`: q/k/v projections with optional biases and QK-norm, RoPE, additive position biases
   (ALiBi, T5), soft-capping (Gemma 2), and `scaled_dot_product_attention` whenever no soft-cap is set;
 - `CausalAttention`: the training path of plain causal attention on CPU in bf16 (batched matmuls that run on
-  AMX and a hand-written backward; torch's CPU flash-attention backward is ~2.5x slower at these shapes).
+  AMX and a hand-written backward; torch's CPU flash-attention backward is ~2.5x slower at these shapes);
+- `native_causal_attention`: plain causal self-attention on CPU in float32, with or without gradients, through
+  the native kernel (llmkit/infer/csrc/attention.cpp: causal blocks only, scores in L2, BLAS sgemm; forward
+  ~1.7x and forward + backward ~1.9x SDPA's CPU flash kernel at T = 256, hd = 64), registered as a torch
+  custom op so that torch.compile keeps it whole.
 """
 from __future__ import annotations
 
@@ -144,6 +148,78 @@ def use_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     )
 
 
+def _ext():
+    from ..infer.native import load_extension
+
+    return load_extension()
+
+
+@torch.library.custom_op("llmkit::causal_attention_f32", mutates_args=())
+def _native_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, save: bool) -> list[torch.Tensor]:
+    out, p = _ext().causal_attention_fwd(q, k, v, scale, save)
+    return [out, p]
+
+
+@_native_fwd.register_fake
+def _(q, k, v, scale, save):
+    B, H, T, D = q.shape
+    return [q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty((B, H, T, T) if save else (0,))]
+
+
+@torch.library.custom_op("llmkit::causal_attention_f32_bwd", mutates_args=())
+def _native_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                p: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    return list(_ext().causal_attention_bwd(do, q, k, v, out, p, scale))
+
+
+@_native_bwd.register_fake
+def _(do, q, k, v, out, p, scale):
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    return [q.new_empty(B, T, H, D).transpose(1, 2), *(q.new_empty(B, T, KV, D).transpose(1, 2) for _ in "kv")]
+
+
+def _native_setup(ctx, inputs, output):
+    q, k, v, scale, _ = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)  # P has no gradient: no [B, H, T, T] zeros for it
+
+
+def _native_grad(ctx, grads):
+    q, k, v, out, p = ctx.saved_tensors
+    do = grads[0]
+    if do is None:
+        return None, None, None, None, None
+    dq, dk, dv = _native_bwd(do if do.stride(-1) == 1 else do.contiguous(), q, k, v, out, p, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_native_fwd.register_autograd(_native_grad, setup_context=_native_setup)
+
+
+def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(Q K^T * scale + causal) V in float32 on CPU (q [B, H, T, D], k/v [B, KV, T, D]); the output is a
+    [B, H, T, D] view of a [B, T, H, D] tensor, so merging the heads afterwards costs no copy. The
+    probabilities are kept for the backward only when a gradient is needed."""
+    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _native_fwd(q, k, v, scale, save)[0]
+
+
+def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Where `native_causal_attention` applies: float32 on CPU, self-attention over the whole sequence (Tq ==
+    Tk, no cache), the native extension built with a BLAS sgemm. With and without gradients alike, so a model's
+    float32 output does not depend on whether its weights train (frozen base vs adapter, DPO reference vs
+    policy); with gradients the [B, H, T, T] probabilities are saved, within MAX_SAVED_SCORES (bf16's bound,
+    in bytes) or SDPA's O(T) memory is kept."""
+    B, H, T, _ = q.shape
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and T == k.shape[2]
+            and H % k.shape[1] == 0 and B * H * T * T <= MAX_SAVED_SCORES // 2):
+        return False
+    ext = _ext()
+    return ext is not None and ext.attention_available()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False):
         super().__init__()
@@ -195,6 +271,8 @@ class Attention(nn.Module):
         plain_causal = self.cfg.attn_softcap is None and mask is None and bias is None and is_causal
         if plain_causal and use_causal_attention(q, k, v):
             out = CausalAttention.apply(q, k, v, self.scale)
+        elif plain_causal and use_native_attention(q, k, v):
+            out = native_causal_attention(q, k, v, self.scale)
         elif self.cfg.attn_softcap is None:
             attn_mask = mask
             if bias is not None:

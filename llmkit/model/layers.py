@@ -29,6 +29,8 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if fused_f32(x, self.weight) is not None:
+            return _NativeRMSNorm.apply(x, self.weight, self.eps, self.offset)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormGrad.apply(x, self.weight, self.eps, self.offset)
         xh, _, w = _rms_parts(x, self.weight, self.eps, self.offset)
@@ -69,6 +71,64 @@ class _RMSNormGrad(torch.autograd.Function):
         return dx.to(ctx.xdtype), (dw.to(ctx.wdtype) if dw is not None else None), None, None
 
 
+def fused_f32(*tensors: torch.Tensor):
+    """The native extension when its fused float32 kernels (llmkit/infer/csrc/train_ops.cpp: RMSNorm, SwiGLU,
+    RoPE, forward and backward) apply to these tensors: all float32 on CPU, not under torch.compile (which
+    fuses the plain ops itself), extension built. Training and inference take the same kernels, so float32
+    outputs do not depend on whether gradients are needed. None elsewhere."""
+    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    from ..infer.native import load_extension
+
+    return load_extension()
+
+
+class _NativeRMSNorm(torch.autograd.Function):
+    """RMSNorm through the fused native kernels (one pass each way; see `_RMSNormGrad` for the formulas)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, offset: float):
+        ext = fused_f32(x)
+        w = (weight + offset if offset else weight).contiguous()
+        y, r = ext.rmsnorm_fwd(x, w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, r = ctx.saved_tensors
+        dx, dw = fused_f32(x).rmsnorm_bwd(dy, x, w, r)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+class _NativeSwiGLU(torch.autograd.Function):
+    """silu(gate) * up through the fused native kernels."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return fused_f32(g).swiglu_fwd(g, u)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        return tuple(fused_f32(g).swiglu_bwd(dh, g, u))
+
+
+class _NativeRope(torch.autograd.Function):
+    """Full-width RoPE through the native kernel; the backward is the rotation by -sin (see `_RopeGrad`)."""
+
+    @staticmethod
+    def forward(ctx, x, c, s):
+        ctx.save_for_backward(c, s)
+        return fused_f32(x).rope(x, c, s, False)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, s = ctx.saved_tensors
+        return fused_f32(g).rope(g, c, s, True), None, None
+
+
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
     return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_bias, cfg.norm_offset)
 
@@ -105,7 +165,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.glu:
-            return self.down(self.act(self.gate(x)) * self.up(x))
+            g, u = self.gate(x), self.up(x)
+            if self.act is F.silu and fused_f32(g, u) is not None:
+                return self.down(_NativeSwiGLU.apply(g, u))
+            return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))
 
 
@@ -149,6 +212,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # under torch.compile the plain ops are traced and fused instead (the out= writes into slices of
     # `_rope_halves` do not survive AOT autograd's functionalisation)
     compiling = torch.compiler.is_compiling()
+    if fused_f32(x, cos) is not None and cos.shape[-1] == x.shape[-1]:
+        return _NativeRope.apply(x, *_half_tables(x, cos, sin))
     if torch.is_grad_enabled() and x.requires_grad and not compiling:
         return _RopeGrad.apply(x, cos, sin)
     # float32/float64 are their own compute type: the training Function's two-halves arithmetic, so outputs

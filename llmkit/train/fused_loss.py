@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.layers import fused_f32
 from .objectives import IGNORE
 # logits per chunk (8 MiB in bf16): each chunk ends in a float32 cast and sum of the whole [V, d] weight
 # gradient, so chunks are not tiny; measured at V=8192, d=384, 2048 rows, bf16, one core (bench/pretrain.py
@@ -77,16 +78,23 @@ def _chunk(h, w, y, z_loss, n_valid, ft, need):
     valid = y != IGNORE
     tgt = y.clamp(min=0)
     logits = h @ w.t()
-    probs = torch.softmax(logits, dim=-1)
-    # softmax is monotone, so the largest probability belongs to the largest logit (amax: no index pass)
-    lse = logits.amax(dim=-1).to(ft) - probs.amax(dim=-1).to(ft).log()
-    picked = logits.gather(1, tgt[:, None]).squeeze(1).to(ft)
-    del logits
-    # the target entries on the flat view (scatter_ copies the whole [n, V] tensor on CPU: 50x slower)
-    flat = torch.arange(probs.shape[0], device=h.device) * probs.shape[1] + tgt
-    probs.view(-1).index_fill_(0, flat, 0)
-    # 1 - p_target; summed in float32 inside, rounded once (sum(dtype=) would first copy [n, V] to float32)
-    other = probs.sum(dim=-1).to(ft)
+    flat = torch.arange(logits.shape[0], device=h.device) * logits.shape[1] + tgt
+    ext = fused_f32(logits)
+    if ext is not None and logits.is_contiguous():
+        # float32 on CPU: one native pass per row in L2 (llmkit/infer/csrc/train_ops.cpp) gives the same
+        # probabilities (target entry 0), log-sum-exp, target logit and 1 - p_target
+        lse, picked, other = ext.softmax_xent_(logits, tgt)
+        probs = logits
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        # softmax is monotone, so the largest probability belongs to the largest logit (amax: no index pass)
+        lse = logits.amax(dim=-1).to(ft) - probs.amax(dim=-1).to(ft).log()
+        picked = logits.gather(1, tgt[:, None]).squeeze(1).to(ft)
+        del logits
+        # the target entries on the flat view (scatter_ copies the whole [n, V] tensor on CPU: 50x slower)
+        probs.view(-1).index_fill_(0, flat, 0)
+        # 1 - p_target; summed in float32 inside, rounded once (sum(dtype=) would first copy [n, V] to float32)
+        other = probs.sum(dim=-1).to(ft)
     loss = torch.where(other < 0.5, -torch.log1p(-other.clamp(max=0.5)), lse - picked)
     total = (loss * valid).sum()
     zsum = (lse.pow(2) * valid).sum() if z_loss else torch.zeros((), dtype=ft, device=h.device)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from llmkit.model import attention as A
 from llmkit.model import layers as Lyr
-from llmkit.model.attention import CausalAttention, use_causal_attention
+from llmkit.model.attention import CausalAttention, native_causal_attention, use_causal_attention, use_native_attention
 from llmkit.model.layers import Norm
 
 
@@ -39,10 +39,67 @@ def test_causal_attention_used_only_where_it_applies():
     assert use_causal_attention(q, k, v)
     with torch.no_grad():
         assert not use_causal_attention(q, k, v)  # inference keeps SDPA
-    assert not use_causal_attention(q.float(), k.float(), v.float())  # fp32: SDPA is as fast
+    assert not use_causal_attention(q.float(), k.float(), v.float())  # fp32: the native kernel instead
     assert not use_causal_attention(q, k[:, :, :4], v[:, :, :4])  # queries against a longer cache
     q2, k2, v2, _ = _qkv(1, 4, 1, 4096, 8, torch.bfloat16)  # 4 x 4096^2 saved scores: SDPA's O(T) memory wins
     assert not use_causal_attention(q2, k2, v2)
+
+
+needs_native = pytest.mark.skipif(not use_native_attention(*_qkv(1, 2, 2, 4, 8, torch.float32)[:3]),
+                                  reason="native extension (compiler + BLAS sgemm) unavailable")
+
+
+@needs_native
+@pytest.mark.parametrize("B,H,KV,T,D", [(2, 4, 4, 1, 8), (2, 4, 4, 19, 8), (1, 4, 2, 64, 16), (2, 6, 3, 70, 24),
+                                        (1, 3, 1, 130, 64)])
+def test_native_attention_equals_float64_sdpa(B, H, KV, T, D):
+    """float32 values and gradients of the native kernel against SDPA in float64, as close as SDPA's own
+    float32 result is: MHA/GQA/MQA, lengths below, at and across the 64-row blocks, head sizes off 16."""
+    q, k, v, up = _qkv(B, H, KV, T, D, torch.float32, seed=T)
+    scale = D**-0.5
+
+    def run(fn, dtype):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        return (out, *torch.autograd.grad((out * up.to(dtype)).sum(), (qq, kk, vv)))
+
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale, enable_gqa=H != KV)
+    ref = run(sdpa, torch.float64)
+    fast = run(lambda a, b, c: native_causal_attention(a, b, c, scale), torch.float32)
+    peer = run(sdpa, torch.float32)
+    for a, r, p in zip(fast, ref, peer):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        err, peer_err = (a.double() - r).abs().max(), (p.double() - r).abs().max()
+        assert err <= 4 * peer_err + 1e-6, (err, peer_err)
+
+
+@needs_native
+def test_native_attention_same_bits_with_and_without_gradients():
+    q, k, v, _ = _qkv(2, 4, 2, 150, 32, torch.float32)
+    with torch.no_grad():  # no probabilities kept: per-thread block buffers with the same row stride
+        a = native_causal_attention(q, k, v, 0.2)
+    assert torch.equal(a, native_causal_attention(q, k, v, 0.2))
+    assert use_native_attention(q, k, v)
+    with torch.no_grad():
+        assert use_native_attention(q, k, v)  # the same kernel for inference: same bits
+    assert not use_native_attention(q.double(), k.double(), v.double())
+    assert not use_native_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not use_native_attention(q, k[:, :, :4], v[:, :, :4])  # queries against a longer cache
+    q2, k2, v2, _ = _qkv(1, 4, 1, 4096, 8, torch.float32)  # 4 x 4096^2 float32 scores: SDPA's O(T) memory
+    assert not use_native_attention(q2, k2, v2)
+
+
+@needs_native
+@pytest.mark.slow
+def test_native_attention_under_torch_compile():
+    """A torch custom op: torch.compile keeps it whole (no graph break) with the same values and gradients."""
+    q, k, v, up = _qkv(2, 4, 2, 40, 16, torch.float32)
+    f = lambda a, b, c: (native_causal_attention(a, b, c, 0.25) * up).sum()
+    compiled = torch.compile(f, fullgraph=True)
+    a = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    b = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
 
 
 def test_rmsnorm_grad_equals_autograd():
@@ -76,6 +133,8 @@ def test_rmsnorm_grad_equals_autograd():
 def _plain_paths(monkeypatch):
     """Switch the model back to the library's generic ops: SDPA, autograd RMSNorm and RoPE."""
     monkeypatch.setattr(A, "use_causal_attention", lambda *a: False)
+    monkeypatch.setattr(A, "use_native_attention", lambda *a: False)
+    monkeypatch.setattr(Lyr, "fused_f32", lambda *a: None)
 
     def plain_norm(x, weight, eps, offset):
         xf = x.float()
@@ -153,7 +212,8 @@ def test_fused_loss_bf16_confident_predictions():
 
 
 def test_bf16_training_step_takes_the_training_kernels(monkeypatch):
-    """A bf16 Trainer step on CPU runs CausalAttention in every layer and the RMSNorm/RoPE Functions."""
+    """A bf16 Trainer step on CPU runs CausalAttention in every layer and the RMSNorm/RoPE Functions (RoPE on
+    the bf16 projections; RMSNorm on the float32 residual stream)."""
     from llmkit.model import ModelConfig, Transformer
     from llmkit.train.config import TrainConfig
     from llmkit.train.trainer import Trainer
@@ -168,6 +228,8 @@ def test_bf16_training_step_takes_the_training_kernels(monkeypatch):
 
     monkeypatch.setattr(CausalAttention, "apply", counting(CausalAttention.apply, "attn"))
     monkeypatch.setattr(Lyr._RMSNormGrad, "apply", counting(Lyr._RMSNormGrad.apply, "norm"))
+    # the residual stream stays float32 under autocast: its norms take the native float32 kernel
+    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", counting(Lyr._NativeRMSNorm.apply, "norm"))
     monkeypatch.setattr(Lyr._RopeGrad, "apply", counting(Lyr._RopeGrad.apply, "rope"))
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, pos="rope",
                       activation="swiglu", norm="rmsnorm")
@@ -212,3 +274,69 @@ def test_float32_output_does_not_depend_on_requires_grad():
     for p in model.parameters():
         p.requires_grad_(False)
     assert torch.equal(model(ids), with_grad)
+
+
+needs_fused = pytest.mark.skipif(Lyr.fused_f32(torch.zeros(1)) is None, reason="native extension unavailable")
+
+
+@needs_fused
+def test_native_norm_swiglu_rope_equal_float64_autograd():
+    """The fused float32 kernels (RMSNorm with Gemma's offset, SwiGLU, RoPE on a transposed projection view):
+    values and gradients against the plain formulas in float64; RoPE keeps its input's memory layout."""
+    g = torch.Generator().manual_seed(7)
+
+    def check(fast_fn, ref_fn, inputs, tol=2e-6):
+        xs = [t.detach().requires_grad_() for t in inputs]
+        ds = [t.detach().double().requires_grad_() for t in inputs]
+        out, ref = fast_fn(*xs), ref_fn(*ds)
+        up = torch.randn(out.shape, generator=g)
+        a = torch.autograd.grad((out * up).sum(), xs)
+        b = torch.autograd.grad((ref * up.double()).sum(), ds)
+        for u, v in zip((out, *a), (ref, *b)):
+            assert u.dtype == torch.float32
+            assert ((u.double() - v).abs().max() / v.abs().max()) < tol
+        return out
+
+    for offset, d in ((0.0, 40), (1.0, 19)):  # a width off the 16-lane vectors
+        norm = Norm(d, "rmsnorm", 1e-6, offset=offset)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(d, generator=g))
+        x = torch.randn(3, 5, d, generator=g)
+        check(lambda x, w: Lyr._NativeRMSNorm.apply(x, w, 1e-6, offset),
+              lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (w + offset),
+              (x, norm.weight.detach()))
+    gate, upv = torch.randn(4, 7, 37, generator=g) * 4, torch.randn(4, 7, 37, generator=g)
+    check(Lyr._NativeSwiGLU.apply, lambda a, b: F.silu(a) * b, (gate, upv))
+    B, H, T, D = 2, 3, 9, 40
+    x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # the projection's layout
+    ang = torch.rand(B, 1, T, D // 2, generator=g) * 6
+    c, s = ang.cos(), ang.sin()
+    cos, sin = torch.cat([c, c], -1), torch.cat([s, s], -1)
+    out = check(lambda x: Lyr._NativeRope.apply(x, c, s), lambda x: Lyr._rope(x, cos.double(), sin.double()), (x,))
+    assert out.stride() == x.stride()
+
+
+@needs_fused
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_native_cross_entropy_rows_equal_float64(z_loss):
+    """linear_cross_entropy in float32 (native softmax rows) against F.cross_entropy + z-loss in float64:
+    loss and gradients, with ignored labels, a partial last chunk and confident rows."""
+    from llmkit.train.fused_loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(300, 24, generator=g)
+    y = torch.randint(0, 300, (90,), generator=g)
+    h = torch.randn(90, 24, generator=g)
+    h[:30] += 4 * w[y[:30]]  # p_target close to 1 in a third of the rows
+    y[5:11] = -100
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = linear_cross_entropy(hh, ww, y, z_loss, chunk=32)
+    a = torch.autograd.grad(loss, (hh, ww))
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    logits = hd @ wd.t()
+    keep = y != -100
+    ref = F.cross_entropy(logits, y) + z_loss * (logits.logsumexp(-1)[keep] ** 2).mean()
+    b = torch.autograd.grad(ref, (hd, wd))
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+    for u, v in zip(a, b):
+        assert ((u.double() - v).abs().max() / v.abs().max()) < 1e-5

@@ -5,7 +5,7 @@
 // largest tensor of an evaluation; PyTorch's logsumexp + argmax + gather read it five times (max, subtract,
 // exp, sum, argmax) and write two temporaries. `logit_stats` reads each row twice while it is in cache:
 // max and first argmax, then the sum of exp(x - max) accumulated in double lanes (no rounding drift over 49k
-// terms), with an AVX-512 exp (Cody-Waite range reduction + degree-6 polynomial, ~1 ulp) or std::exp elsewhere.
+// terms), with an AVX-512 exp (vexp.h) or std::exp elsewhere.
 // Rows are split over ATen's OpenMP pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "vexp.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -38,26 +39,6 @@ inline __m512 load16(const T* p) {
   else return llmkit::widen_bf16(p);
 }
 
-// exp(x) for x <= 0 (x - max): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite);
-// p is the degree-6 Taylor polynomial (|r| <= ln2/2: truncation < 2e-8 relative). Below -87.3, exp underflows
-// float32 and is flushed to 0, as torch's float exp does.
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
 #endif
 
 // max, first index of the max, and log(sum exp(x - max)) + max of one row.
@@ -110,7 +91,7 @@ inline void row_stats(const T* x, int64_t V, float& lse, int64_t& arg) {
   __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
   const __m512 vm = _mm512_set1_ps(mx);
   for (; j + 16 <= V; j += 16) {
-    __m512 e = exp16(_mm512_sub_ps(load16(x + j), vm));
+    __m512 e = llmkit::exp16(_mm512_sub_ps(load16(x + j), vm));
     s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
     s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
   }
