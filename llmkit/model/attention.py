@@ -213,11 +213,14 @@ def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     policy); with gradients the [B, H, T, T] probabilities are saved, within MAX_SAVED_SCORES (bf16's bound,
     in bytes) or SDPA's O(T) memory is kept."""
     B, H, T, _ = q.shape
-    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and T == k.shape[2]
-            and H % k.shape[1] == 0 and B * H * T * T <= MAX_SAVED_SCORES // 2):
-        return False
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and T == k.shape[2]
+            and H % k.shape[1] == 0 and B * H * T * T <= MAX_SAVED_SCORES // 2 and _native_available())
+
+
+@torch.compiler.assume_constant_result  # a fixed property of this process: no graph break under torch.compile
+def _native_available() -> bool:
     ext = _ext()
-    return ext is not None and ext.attention_available()
+    return ext is not None and bool(ext.attention_available())
 
 
 class Attention(nn.Module):
