@@ -9,6 +9,8 @@ This module:
   `LLMKIT_NATIVE=0` turns it off;
 - packs weights into the native formats (`pack_int8`, `pack_q4_1`; `unpack_q4_1` dequantises for checks);
 - `logit_stats(logits)`: logsumexp and argmax of vocabulary logits in one sweep (evaluation scoring);
+- the same module carries the float32 CPU model kernels that llmkit.model calls through `native_ext()`:
+  causal attention (csrc/attention.cpp) and RMSNorm / SwiGLU / RoPE / cross-entropy rows (csrc/train_ops.cpp);
 - `NativeStep.build(fast)` turns a FastDecoder's fused weights into a native `Decoder`; float weights are
   shared with the model, not copied.
 """
@@ -62,13 +64,14 @@ def load_extension():
         from torch.utils.cpp_extension import _get_build_directory
 
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
-            print("llmkit: compiling the native decode kernels for this CPU (first use only, ~30-60 s)",
+            print("llmkit: compiling the native kernels for this CPU (first use only, ~30-90 s)",
                   file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
         return load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: the PyTorch path still works
-        warnings.warn(f"llmkit native decode kernels unavailable ({type(e).__name__}: {str(e)[:300]}); "
-                      "decoding uses the PyTorch path. Install a C++ compiler and `ninja`, or set LLMKIT_NATIVE=0.",
+        warnings.warn(f"llmkit native kernels unavailable ({type(e).__name__}: {str(e)[:300]}); decoding, "
+                      "scoring and float32 CPU training use the PyTorch ops. Install a C++ compiler and `ninja`, "
+                      "or set LLMKIT_NATIVE=0.",
                       RuntimeWarning, stacklevel=2)
         return None
 

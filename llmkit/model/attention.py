@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import apply_rope, make_norm
+from .layers import apply_rope, make_norm, native_ext
 
 
 class KVCache:
@@ -130,33 +130,30 @@ class CausalAttention(torch.autograd.Function):
         return dq.view(qshape), dk.view(kshape), dv.view(kshape), None
 
 
-# CausalAttention keeps the [B*H, T, T] probabilities of every layer for the backward; above this many
-# (64 MiB in bf16 per layer) the O(T) memory of SDPA's flash kernel matters more than its speed
-MAX_SAVED_SCORES = 1 << 25
+# The training attention kernels keep the [B*H, T, T] probabilities of every layer for the backward; above this
+# many bytes per layer the O(T) memory of SDPA's flash kernel matters more than their speed
+MAX_SAVED_SCORE_BYTES = 64 << 20
+
+
+def _whole_sequence_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Self-attention over the whole sequence on CPU (no cache, so Tq == Tk), one dtype, whole GQA groups, and
+    probabilities within MAX_SAVED_SCORE_BYTES: where the CPU training kernels apply."""
+    B, H, T, _ = q.shape
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and T == k.shape[2] and H % k.shape[1] == 0
+            and B * H * T * T * q.element_size() <= MAX_SAVED_SCORE_BYTES)
 
 
 def use_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Where `CausalAttention` applies and pays: training (grad on) on CPU in bf16, self-attention over the whole
-    sequence (no cache, so Tq == Tk), scores within MAX_SAVED_SCORES. fp32 stays on SDPA: measured at the
-    bench shapes (B=8, H=6, T=256, hd=64, one core) SDPA fwd+bwd takes ~29 ms there and this path ~33 ms
-    (in bf16: ~32 ms vs ~13 ms)."""
-    B, H, T, _ = q.shape
-    return (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
-        and T == k.shape[2] and H % k.shape[1] == 0 and B * H * T * T <= MAX_SAVED_SCORES
-    )
-
-
-def _ext():
-    from ..infer.native import load_extension
-
-    return load_extension()
+    """Where `CausalAttention` applies and pays: training (grad on) in bf16 where `_whole_sequence_cpu` holds
+    (at the bench shapes, B=8, H=6, T=256, hd=64, one core: ~13 ms fwd+bwd vs SDPA's ~32 ms). float32 takes
+    `native_causal_attention` instead."""
+    return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.dtype == torch.bfloat16 and _whole_sequence_cpu(q, k, v))
 
 
 @torch.library.custom_op("llmkit::causal_attention_f32", mutates_args=())
 def _native_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, save: bool) -> list[torch.Tensor]:
-    out, p = _ext().causal_attention_fwd(q, k, v, scale, save)
+    out, p = native_ext().causal_attention_fwd(q, k, v, scale, save)
     return [out, p]
 
 
@@ -169,7 +166,7 @@ def _(q, k, v, scale, save):
 @torch.library.custom_op("llmkit::causal_attention_f32_bwd", mutates_args=())
 def _native_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 p: torch.Tensor, scale: float) -> list[torch.Tensor]:
-    return list(_ext().causal_attention_bwd(do, q, k, v, out, p, scale))
+    return list(native_ext().causal_attention_bwd(do, q, k, v, out, p, scale))
 
 
 @_native_bwd.register_fake
@@ -207,19 +204,15 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Where `native_causal_attention` applies: float32 on CPU, self-attention over the whole sequence (Tq ==
-    Tk, no cache), the native extension built with a BLAS sgemm. With and without gradients alike, so a model's
-    float32 output does not depend on whether its weights train (frozen base vs adapter, DPO reference vs
-    policy); with gradients the [B, H, T, T] probabilities are saved, within MAX_SAVED_SCORES (bf16's bound,
-    in bytes) or SDPA's O(T) memory is kept."""
-    B, H, T, _ = q.shape
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and T == k.shape[2]
-            and H % k.shape[1] == 0 and B * H * T * T <= MAX_SAVED_SCORES // 2 and _native_available())
+    """Where `native_causal_attention` applies: float32 where `_whole_sequence_cpu` holds and the native extension
+    is built with a BLAS sgemm. With and without gradients alike, so a model's float32 output does not depend on
+    whether its weights train (frozen base vs adapter, DPO reference vs policy)."""
+    return q.dtype == torch.float32 and _whole_sequence_cpu(q, k, v) and _native_available()
 
 
 @torch.compiler.assume_constant_result  # a fixed property of this process: no graph break under torch.compile
 def _native_available() -> bool:
-    ext = _ext()
+    ext = native_ext()
     return ext is not None and bool(ext.attention_available())
 
 

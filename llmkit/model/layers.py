@@ -78,6 +78,11 @@ def fused_f32(*tensors: torch.Tensor):
     outputs do not depend on whether gradients are needed. None elsewhere."""
     if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return None
+    return native_ext()
+
+
+def native_ext():
+    """The compiled native extension (llmkit/infer/native.py; built at first use, cached), or None."""
     from ..infer.native import load_extension
 
     return load_extension()
@@ -88,16 +93,15 @@ class _NativeRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, offset: float):
-        ext = fused_f32(x)
         w = (weight + offset if offset else weight).contiguous()
-        y, r = ext.rmsnorm_fwd(x, w, eps)
+        y, r = native_ext().rmsnorm_fwd(x, w, eps)
         ctx.save_for_backward(x, w, r)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w, r = ctx.saved_tensors
-        dx, dw = fused_f32(x).rmsnorm_bwd(dy, x, w, r)
+        dx, dw = native_ext().rmsnorm_bwd(dy, x, w, r)
         return dx, (dw if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -107,12 +111,12 @@ class _NativeSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return fused_f32(g).swiglu_fwd(g, u)
+        return native_ext().swiglu_fwd(g, u)
 
     @staticmethod
     def backward(ctx, dh):
         g, u = ctx.saved_tensors
-        return tuple(fused_f32(g).swiglu_bwd(dh, g, u))
+        return tuple(native_ext().swiglu_bwd(dh, g, u))
 
 
 class _NativeRope(torch.autograd.Function):
@@ -121,12 +125,12 @@ class _NativeRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, s):
         ctx.save_for_backward(c, s)
-        return fused_f32(x).rope(x, c, s, False)
+        return native_ext().rope(x, c, s, False)
 
     @staticmethod
     def backward(ctx, g):
         c, s = ctx.saved_tensors
-        return fused_f32(g).rope(g, c, s, True), None, None
+        return native_ext().rope(g, c, s, True), None, None
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
@@ -212,8 +216,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # under torch.compile the plain ops are traced and fused instead (the out= writes into slices of
     # `_rope_halves` do not survive AOT autograd's functionalisation)
     compiling = torch.compiler.is_compiling()
-    if fused_f32(x, cos) is not None and cos.shape[-1] == x.shape[-1]:
-        return _NativeRope.apply(x, *_half_tables(x, cos, sin))
+    if fused_f32(x, cos) is not None and (half := _half_tables(x, cos, sin)) is not None:
+        return _NativeRope.apply(x, *half)
     if torch.is_grad_enabled() and x.requires_grad and not compiling:
         return _RopeGrad.apply(x, cos, sin)
     # float32/float64 are their own compute type: the training Function's two-halves arithmetic, so outputs

@@ -80,7 +80,7 @@ def _chunk(h, w, y, z_loss, n_valid, ft, need):
     logits = h @ w.t()
     flat = torch.arange(logits.shape[0], device=h.device) * logits.shape[1] + tgt
     ext = fused_f32(logits)
-    if ext is not None and logits.is_contiguous():
+    if ext is not None:  # (a fresh matmul result: contiguous rows)
         # float32 on CPU: one native pass per row in L2 (llmkit/infer/csrc/train_ops.cpp) gives the same
         # probabilities (target entry 0), log-sum-exp, target logit and 1 - p_target
         lse, picked, other = ext.softmax_xent_(logits, tgt)

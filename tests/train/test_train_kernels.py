@@ -87,6 +87,11 @@ def test_native_attention_same_bits_with_and_without_gradients():
     assert not use_native_attention(q, k[:, :, :4], v[:, :, :4])  # queries against a longer cache
     q2, k2, v2, _ = _qkv(1, 4, 1, 4096, 8, torch.float32)  # 4 x 4096^2 float32 scores: SDPA's O(T) memory
     assert not use_native_attention(q2, k2, v2)
+    # the bound is in bytes: one head of 4096^2 float32 scores is exactly 64 MiB, two bf16 heads too
+    assert use_native_attention(q2[:, :1], k2, v2)
+    assert not use_native_attention(*_qkv(1, 1, 1, 4097, 8, torch.float32)[:3])  # one row over
+    q3, k3, v3, _ = _qkv(1, 2, 1, 4096, 8, torch.bfloat16)
+    assert use_causal_attention(q3, k3, v3) and not use_causal_attention(q2.bfloat16(), k2.bfloat16(), v2.bfloat16())
 
 
 @needs_native
@@ -340,3 +345,42 @@ def test_native_cross_entropy_rows_equal_float64(z_loss):
     assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
     for u, v in zip(a, b):
         assert ((u.double() - v).abs().max() / v.abs().max()) < 1e-5
+
+
+@needs_native
+def test_fp32_training_step_takes_the_native_kernels(monkeypatch):
+    """A float32 Trainer step on CPU runs the native attention in every layer, the fused RMSNorm, SwiGLU and RoPE
+    Functions and the native cross-entropy rows, and leaves finite gradients on every parameter."""
+    from llmkit.model import ModelConfig, Transformer
+    from llmkit.train.config import TrainConfig
+    from llmkit.train.trainer import Trainer
+
+    calls = {"attn": 0, "norm": 0, "swiglu": 0, "rope": 0, "xent": 0}
+
+    def counting(fn, key):
+        def wrapped(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(A, "native_causal_attention", counting(A.native_causal_attention, "attn"))
+    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", counting(Lyr._NativeRMSNorm.apply, "norm"))
+    monkeypatch.setattr(Lyr._NativeSwiGLU, "apply", counting(Lyr._NativeSwiGLU.apply, "swiglu"))
+    monkeypatch.setattr(Lyr._NativeRope, "apply", counting(Lyr._NativeRope.apply, "rope"))
+    ext = Lyr.native_ext()
+
+    class Counting:  # the extension module's functions are read-only: wrap the module
+        def __getattr__(self, name):
+            fn = getattr(ext, name)
+            return counting(fn, "xent") if name == "softmax_xent_" else fn
+
+    import llmkit.train.fused_loss as FL
+    monkeypatch.setattr(FL, "fused_f32", lambda *t: Counting() if Lyr.fused_f32(*t) is not None else None)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, pos="rope",
+                      activation="swiglu", norm="rmsnorm")
+    tr = Trainer(Transformer(cfg), TrainConfig(max_steps=1, micro_batch_size=2, seq_len=16, dtype="fp32",
+                                               progress=False, tensorboard=False), iter(()))
+    x = torch.randint(0, 64, (2, 17))
+    loss, _ = tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+    assert calls == {"attn": 3, "norm": 2 * 3 + 1, "swiglu": 3, "rope": 2 * 3, "xent": 1}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.raw_model.parameters())
