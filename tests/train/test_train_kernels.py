@@ -219,30 +219,35 @@ def test_fused_loss_bf16_confident_predictions():
 def test_bf16_training_step_takes_the_training_kernels(monkeypatch):
     """A bf16 Trainer step on CPU runs CausalAttention in every layer and the RMSNorm/RoPE Functions (RoPE on
     the bf16 projections; RMSNorm on the float32 residual stream)."""
+    calls = {"attn": 0, "norm": 0, "rope": 0}
+    monkeypatch.setattr(CausalAttention, "apply", _counting(calls, CausalAttention.apply, "attn"))
+    monkeypatch.setattr(Lyr._RMSNormGrad, "apply", _counting(calls, Lyr._RMSNormGrad.apply, "norm"))
+    # the residual stream stays float32 under autocast: its norms take the native float32 kernel
+    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", _counting(calls, Lyr._NativeRMSNorm.apply, "norm"))
+    monkeypatch.setattr(Lyr._RopeGrad, "apply", _counting(calls, Lyr._RopeGrad.apply, "rope"))
+    _one_training_step("bf16")
+    assert calls == {"attn": 3, "norm": 2 * 3 + 1, "rope": 2 * 3}
+
+
+def _counting(calls, fn, key):
+    def wrapped(*a, **kw):
+        calls[key] += 1
+        return fn(*a, **kw)
+    return wrapped
+
+
+def _one_training_step(dtype):
+    """One Trainer step of a 3-layer GQA Llama-style model on CPU; every parameter gets a finite gradient."""
     from llmkit.model import ModelConfig, Transformer
     from llmkit.train.config import TrainConfig
     from llmkit.train.trainer import Trainer
 
-    calls = {"attn": 0, "norm": 0, "rope": 0}
-
-    def counting(fn, key):
-        def wrapped(*a):
-            calls[key] += 1
-            return fn(*a)
-        return wrapped
-
-    monkeypatch.setattr(CausalAttention, "apply", counting(CausalAttention.apply, "attn"))
-    monkeypatch.setattr(Lyr._RMSNormGrad, "apply", counting(Lyr._RMSNormGrad.apply, "norm"))
-    # the residual stream stays float32 under autocast: its norms take the native float32 kernel
-    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", counting(Lyr._NativeRMSNorm.apply, "norm"))
-    monkeypatch.setattr(Lyr._RopeGrad, "apply", counting(Lyr._RopeGrad.apply, "rope"))
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, pos="rope",
                       activation="swiglu", norm="rmsnorm")
-    tr = Trainer(Transformer(cfg), TrainConfig(max_steps=1, micro_batch_size=2, seq_len=16, dtype="bf16",
+    tr = Trainer(Transformer(cfg), TrainConfig(max_steps=1, micro_batch_size=2, seq_len=16, dtype=dtype,
                                                progress=False, tensorboard=False), iter(()))
     x = torch.randint(0, 64, (2, 17))
-    loss, _ = tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
-    assert calls == {"attn": 3, "norm": 2 * 3 + 1, "rope": 2 * 3}
+    tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.raw_model.parameters())
 
 
@@ -350,37 +355,21 @@ def test_native_cross_entropy_rows_equal_float64(z_loss):
 @needs_native
 def test_fp32_training_step_takes_the_native_kernels(monkeypatch):
     """A float32 Trainer step on CPU runs the native attention in every layer, the fused RMSNorm, SwiGLU and RoPE
-    Functions and the native cross-entropy rows, and leaves finite gradients on every parameter."""
-    from llmkit.model import ModelConfig, Transformer
-    from llmkit.train.config import TrainConfig
-    from llmkit.train.trainer import Trainer
+    Functions and the native cross-entropy rows."""
+    import llmkit.train.fused_loss as FL
 
     calls = {"attn": 0, "norm": 0, "swiglu": 0, "rope": 0, "xent": 0}
-
-    def counting(fn, key):
-        def wrapped(*a, **kw):
-            calls[key] += 1
-            return fn(*a, **kw)
-        return wrapped
-
-    monkeypatch.setattr(A, "native_causal_attention", counting(A.native_causal_attention, "attn"))
-    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", counting(Lyr._NativeRMSNorm.apply, "norm"))
-    monkeypatch.setattr(Lyr._NativeSwiGLU, "apply", counting(Lyr._NativeSwiGLU.apply, "swiglu"))
-    monkeypatch.setattr(Lyr._NativeRope, "apply", counting(Lyr._NativeRope.apply, "rope"))
+    monkeypatch.setattr(A, "native_causal_attention", _counting(calls, A.native_causal_attention, "attn"))
+    monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", _counting(calls, Lyr._NativeRMSNorm.apply, "norm"))
+    monkeypatch.setattr(Lyr._NativeSwiGLU, "apply", _counting(calls, Lyr._NativeSwiGLU.apply, "swiglu"))
+    monkeypatch.setattr(Lyr._NativeRope, "apply", _counting(calls, Lyr._NativeRope.apply, "rope"))
     ext = Lyr.native_ext()
 
     class Counting:  # the extension module's functions are read-only: wrap the module
         def __getattr__(self, name):
             fn = getattr(ext, name)
-            return counting(fn, "xent") if name == "softmax_xent_" else fn
+            return _counting(calls, fn, "xent") if name == "softmax_xent_" else fn
 
-    import llmkit.train.fused_loss as FL
     monkeypatch.setattr(FL, "fused_f32", lambda *t: Counting() if Lyr.fused_f32(*t) is not None else None)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, pos="rope",
-                      activation="swiglu", norm="rmsnorm")
-    tr = Trainer(Transformer(cfg), TrainConfig(max_steps=1, micro_batch_size=2, seq_len=16, dtype="fp32",
-                                               progress=False, tensorboard=False), iter(()))
-    x = torch.randint(0, 64, (2, 17))
-    loss, _ = tr.train_step([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+    _one_training_step("fp32")
     assert calls == {"attn": 3, "norm": 2 * 3 + 1, "swiglu": 3, "rope": 2 * 3, "xent": 1}
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.raw_model.parameters())
