@@ -1,5 +1,8 @@
 """The hand-written training kernels (causal attention, RMSNorm, RoPE, fused loss) equal torch's own ops
 and leave the model's numbers unchanged (survey §4.3 efficiency)."""
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,29 @@ def test_native_attention_same_bits_with_and_without_gradients():
     assert not use_native_attention(*_qkv(1, 1, 1, 4097, 8, torch.float32)[:3])  # one row over
     q3, k3, v3, _ = _qkv(1, 2, 1, 4096, 8, torch.bfloat16)
     assert use_causal_attention(q3, k3, v3) and not use_causal_attention(q2.bfloat16(), k2.bfloat16(), v2.bfloat16())
+
+
+@needs_native
+def test_native_attention_same_bits_on_any_thread_count():
+    """Workers claim (batch, kv-head) tasks dynamically; each task's sums stay within one worker, so 1, 2 and 3
+    threads give the same bits. The workers' BLAS is pinned to one thread inside and restored after: the
+    calling thread (worker 0) keeps the MKL count torch gave it for its own matmuls."""
+    q, k, v, up = _qkv(3, 4, 2, 90, 16, torch.float32, seed=3)
+    before = torch.get_num_threads()
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    set_local = getattr(lib, "MKL_Set_Num_Threads_Local", None)  # x86 wheels link MKL; returns the previous count
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = native_causal_attention(q, k, v, 0.25)
+            runs.append((out, *torch.autograd.grad((out * up).sum(), (q, k, v))))
+            if set_local is not None:  # torch.set_num_threads(n) set this thread's MKL count to n; still n
+                assert set_local(n) == n
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 @needs_native

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -27,10 +28,32 @@
 extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (exported by libtorch_cpu on x86; absent with other BLAS): 0 restores the global one.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 
 constexpr int64_t BQ = 64;  // query rows (and key columns) per block
+
+// Runs worker(claim) once on each thread of the intra-op pool; claim() hands out the tasks [0, n) one at a time
+// from a shared counter (-1 when none are left), so a core the host slows down (shared machines) takes fewer
+// tasks instead of holding the others at the end of a static split. Results do not depend on which worker runs
+// a task. Inside, each worker's BLAS runs single-threaded: torch.set_num_threads turns MKL's dynamic adjustment
+// off, so MKL would otherwise open its own nested OpenMP team on every call from a worker, which cost ~20% of
+// the 2-thread forward and backward at T = 256 (measured). The worker's previous MKL count is restored.
+template <class F>
+void parallel_tasks(int64_t n, const F& worker) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < n ? t : -1;
+  };
+  at::parallel_for(0, std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())), 1, [&](int64_t, int64_t) {
+    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    worker(claim);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  });
+}
 
 // Row-major C[M, N] = alpha * op(A) op(B) + beta * C; op(A) is [M, K] (A stored [K, M] when ta), op(B) [K, N].
 // Column-major BLAS sees each row-major matrix transposed, so it computes C^T = op(B)^T op(A)^T.
@@ -135,9 +158,9 @@ std::vector<at::Tensor> causal_attention_fwd(at::Tensor q, at::Tensor k, at::Ten
   const View Q(q), K(k), V(v), O(out);
   float* Pp = save ? P.data_ptr<float>() : nullptr;
   const int64_t rep = H / KV;
-  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(B * KV, [&](const auto& claim) {
     std::vector<float> scratch(save ? 0 : size_t(BQ * T));
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t b = task / KV, g = task % KV;
       const float *kh = K.at(b, g), *vh = V.at(b, g);
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
@@ -171,9 +194,9 @@ std::vector<at::Tensor> causal_attention_bwd(at::Tensor dout, at::Tensor q, at::
   const float* Pp = P.data_ptr<float>();
   const int64_t rep = H / KV;
   const float sc = float(scale);
-  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(B * KV, [&](const auto& claim) {
     std::vector<float> dS(size_t(T * T));  // this head's dS rows (lower triangle used)
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t b = task / KV, g = task % KV;
       const float *kh = K.at(b, g), *vh = V.at(b, g);
       float *dkh = dK.at(b, g), *dvh = dV.at(b, g);
