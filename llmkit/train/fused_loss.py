@@ -50,8 +50,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if not need:
                     continue
                 grad_h[s:s + chunk] = (probs @ w) * rows  # the row factors, applied to [n, d] not [n, V]
-                gw = (probs.t() @ (h * rows.to(cdt))).to(torch.promote_types(weight.dtype, torch.float32))
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
+                hr = h * rows.to(cdt)
+                if grad_w is None:
+                    grad_w = (probs.t() @ hr).to(torch.promote_types(weight.dtype, torch.float32))
+                elif grad_w.dtype == cdt:  # accumulated inside the matmul: no [V, d] temporary per chunk
+                    grad_w.addmm_(probs.t(), hr)
+                else:  # bf16 products summed in float32
+                    grad_w.add_(probs.t() @ hr)
         ce = (total / n_valid).float()  # the loss is reported in float32, like `objectives.cross_entropy`
         zl = (z_loss * lse_sq / n_valid).float()
         if need:
