@@ -92,8 +92,8 @@ std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, a
               *rp = r.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
   // fixed row ranges (not the thread count) decide the partial sums, so dw does not depend on the threads
-  const int64_t parts = std::min<int64_t>(N, 16), per = (N + parts - 1) / std::max<int64_t>(parts, 1);
-  std::vector<float> partial(size_t(std::max<int64_t>(parts, 1) * d), 0.f);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, 16)), per = (N + parts - 1) / parts;
+  std::vector<float> partial(size_t(parts * d), 0.f);
   at::parallel_for(0, parts, 1, [&](int64_t pa, int64_t pb) {
     for (int64_t p = pa; p < pb; ++p) {
       float* dw = partial.data() + p * d;
@@ -134,7 +134,7 @@ std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, a
   });
   at::Tensor dw = at::zeros({d}, x.options());
   float* dwp = dw.data_ptr<float>();
-  for (int64_t p = 0; p < std::max<int64_t>(parts, 1); ++p)
+  for (int64_t p = 0; p < parts; ++p)
     for (int64_t j = 0; j < d; ++j) dwp[j] += partial[size_t(p * d + j)];
   return {dx, dw};
 }

@@ -1,5 +1,5 @@
 // Vectorised exp shared by the native kernels (logits.cpp: logsumexp of vocabulary logits; attention.cpp:
-// softmax of attention scores).
+// softmax of attention scores; train_ops.cpp: SiLU and the cross-entropy rows).
 #pragma once
 
 #if defined(__AVX512F__)
@@ -7,9 +7,10 @@
 
 namespace llmkit {
 
-// exp(x) for x <= 0 (x - max): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite);
-// p is the degree-6 Taylor polynomial (|r| <= ln2/2: truncation < 2e-8 relative). Below -87.3, exp underflows
-// float32 and is flushed to 0, as torch's float exp does.
+// exp(x): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite); p is the degree-6 Taylor
+// polynomial (|r| <= ln2/2: truncation < 2e-8 relative). The softmaxes call it on x - max <= 0; SiLU
+// (train_ops.cpp) on -g of either sign. Below -87.3, exp underflows float32 and is flushed to 0, as torch's
+// float exp does; above ~88.7 the scaling by 2^n overflows to +inf (so sigmoid = 1 / (1 + inf) = 0).
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f);
   __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
