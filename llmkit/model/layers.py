@@ -26,6 +26,20 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" and bias else None
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) with h = x + delta (h = x when delta is None): a pre-norm residual add and the norm after
+        it. Float32 RMSNorm on CPU does both in one native pass each way; the values and gradients are those of
+        `h = x + delta; self(h)` to the bit."""
+        if delta is None:
+            return x, self(x)
+        # plain tensors only: a subclass (tensor parallelism's all-reduced branch arrives as an AsyncCollectiveTensor,
+        # which waits for its collective when a torch op reads it) goes through the torch add
+        plain = type(x) is torch.Tensor and type(delta) is torch.Tensor
+        if self.kind == "rmsnorm" and plain and delta.shape == x.shape and fused_f32(x, delta, self.weight) is not None:
+            return _NativeAddRMSNorm.apply(x, delta, self.weight, self.eps, self.offset)
+        h = x + delta
+        return h, self(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
@@ -83,9 +97,14 @@ def fused_f32(*tensors: torch.Tensor):
 
 def native_ext():
     """The compiled native extension (llmkit/infer/native.py; built at first use, cached), or None."""
-    from ..infer.native import load_extension
+    if not _NATIVE:  # imported here (llmkit.infer.native imports this module); looked up once, not per call
+        from ..infer.native import load_extension
 
-    return load_extension()
+        _NATIVE.append(load_extension)
+    return _NATIVE[0]()
+
+
+_NATIVE: list = []
 
 
 class _NativeRMSNorm(torch.autograd.Function):
@@ -103,6 +122,28 @@ class _NativeRMSNorm(torch.autograd.Function):
         x, w, r = ctx.saved_tensors
         dx, dw = native_ext().rmsnorm_bwd(dy, x, w, r)
         return dx, (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+class _NativeAddRMSNorm(torch.autograd.Function):
+    """(h, RMSNorm(h)) with h = x + delta in one native pass; the backward adds the gradient that reaches h along
+    the residual stream into the norm's own (what autograd's add would do), again in one pass. Both inputs
+    get that same gradient, as through `x + delta`."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps: float, offset: float):
+        w = (weight + offset if offset else weight).contiguous()
+        y, r, h = native_ext().rmsnorm_fwd(x, w, eps, delta)
+        ctx.save_for_backward(h, w, r)
+        ctx.set_materialize_grads(False)
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h, w, r = ctx.saved_tensors
+        if dy is None:  # only the sum is used further
+            return dh, dh, None, None, None
+        dx, dw = native_ext().rmsnorm_bwd(dy, h, w, r, dh)
+        return dx, dx, (dw if ctx.needs_input_grad[2] else None), None, None
 
 
 class _NativeSwiGLU(torch.autograd.Function):

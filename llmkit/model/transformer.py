@@ -46,8 +46,15 @@ class Block(nn.Module):
         self.alpha = cfg.deepnorm_alpha
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: dict, delta: torch.Tensor | None = None):
+        """The block's output for input x. With ctx["defer"] (pre-norm blocks, see `Transformer._defer_residual`)
+        the input is x + delta and the block returns (h, m) for the output h + m: each residual add is then done
+        by the norm that follows it, in the same pass (`Norm.add_forward`), with the same values."""
         attn_kw = dict(rope=ctx["rope"], mask=ctx["mask"], bias=ctx["bias"], cache=ctx["cache"], is_causal=ctx["is_causal"])
+        if ctx.get("defer"):
+            h, n = self.attn_norm.add_forward(x, delta)
+            h, n = self.mlp_norm.add_forward(h, self.attn(_autocast_input(n), **attn_kw))
+            return h, self.mlp(_autocast_input(n))
         if self.cfg.parallel_block:  # GPT-J / PaLM: both branches read the same normalised input
             h = _autocast_input(self.attn_norm(x))
             return x + self.drop(self.attn(h, **attn_kw)) + self.drop(self.mlp(h))
@@ -222,18 +229,32 @@ class Transformer(nn.Module):
             if encoder_attn_mask is not None:
                 cross_mask = encoder_attn_mask[:, None, None, :].bool()
 
+        defer, delta = self._defer_residual(), None
         for i, blk in enumerate(self.layers):
             kind = cfg.layer_type(i)
             ctx = dict(rope=rope[kind], mask=masks[kind], bias=bias, cache=cache, is_causal=causal_flags[kind],
-                       memory=memory, cross_mask=cross_mask)
-            x = blk(x, ctx)
+                       memory=memory, cross_mask=cross_mask, defer=defer)
+            if defer:
+                x, delta = blk(x, ctx, delta)
+            else:
+                x = blk(x, ctx)
         if cache is not None:
             cache.length = start + T
-        if self.norm is not None:
+        if defer:
+            x = self.norm.add_forward(x, delta)[1]
+        elif self.norm is not None:
             x = self.norm(x)
         if return_hidden:
             return x
         return self.project(x)
+
+    def _defer_residual(self) -> bool:
+        """Whether the decoder stack hands each block's last residual branch on to the next norm (Block.forward):
+        plain pre-norm blocks (no sandwich or parallel layout, no cross-attention), no active dropout, a final
+        norm. Saves a pass over the residual stream per add, forward and backward; the values are unchanged."""
+        cfg = self.cfg
+        return (cfg.norm_position == "pre" and not cfg.parallel_block and cfg.arch != "encoder_decoder"
+                and self.norm is not None and (cfg.dropout == 0 or not self.training))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed.weight.t()

@@ -385,9 +385,10 @@ def test_fp32_training_step_takes_the_native_kernels(monkeypatch):
     Functions and the native cross-entropy rows."""
     import llmkit.train.fused_loss as FL
 
-    calls = {"attn": 0, "norm": 0, "swiglu": 0, "rope": 0, "xent": 0}
+    calls = {"attn": 0, "norm": 0, "add_norm": 0, "swiglu": 0, "rope": 0, "xent": 0}
     monkeypatch.setattr(A, "native_causal_attention", _counting(calls, A.native_causal_attention, "attn"))
     monkeypatch.setattr(Lyr._NativeRMSNorm, "apply", _counting(calls, Lyr._NativeRMSNorm.apply, "norm"))
+    monkeypatch.setattr(Lyr._NativeAddRMSNorm, "apply", _counting(calls, Lyr._NativeAddRMSNorm.apply, "add_norm"))
     monkeypatch.setattr(Lyr._NativeSwiGLU, "apply", _counting(calls, Lyr._NativeSwiGLU.apply, "swiglu"))
     monkeypatch.setattr(Lyr._NativeRope, "apply", _counting(calls, Lyr._NativeRope.apply, "rope"))
     ext = Lyr.native_ext()
@@ -399,4 +400,61 @@ def test_fp32_training_step_takes_the_native_kernels(monkeypatch):
 
     monkeypatch.setattr(FL, "fused_f32", lambda *t: Counting() if Lyr.fused_f32(*t) is not None else None)
     _one_training_step("fp32")
-    assert calls == {"attn": 3, "norm": 2 * 3 + 1, "swiglu": 3, "rope": 2 * 3, "xent": 1}
+    # the first norm has no residual add before it; the other 2 * 3 norms take the add before them
+    assert calls == {"attn": 3, "norm": 1, "add_norm": 2 * 3, "swiglu": 3, "rope": 2 * 3, "xent": 1}
+
+
+@needs_fused
+@pytest.mark.parametrize("d,offset", [(64, 0.0), (100, 0.0), (48, 1.0)])
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_add_rmsnorm_same_bits_as_add_then_norm(d, offset, use_sum):
+    """Norm.add_forward(x, delta) = (x + delta, norm(x + delta)) in one native pass, and its backward adds the
+    residual stream's gradient in the same pass: values and all gradients equal the separate add and norm to
+    the bit (rows of 100 take the kernels' scalar tails), also when only the normalised output is used."""
+    g = torch.Generator().manual_seed(d)
+    norm = Norm(d, "rmsnorm", 1e-5, offset=offset)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g) * 0.5 + (0.0 if offset else 1.0))
+    x0, a0 = torch.randn(3, 7, d, generator=g), torch.randn(3, 7, d, generator=g)
+    gh, gy = torch.randn(3, 7, d, generator=g), torch.randn(3, 7, d, generator=g)
+
+    def run(fused):
+        x, a = x0.clone().requires_grad_(), a0.clone().requires_grad_()
+        norm.weight.grad = None
+        if fused:
+            h, y = norm.add_forward(x, a)
+            assert type(h.grad_fn).__name__ == "_NativeAddRMSNormBackward"
+        else:
+            h = x + a
+            y = norm(h)
+        torch.autograd.backward([h, y] if use_sum else [y], [gh, gy] if use_sum else [gy])
+        return h, y, x.grad, a.grad, norm.weight.grad
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
+@needs_fused
+def test_deferred_residual_adds_same_bits():
+    """Pre-norm decoder blocks hand their last residual branch to the next norm (`Transformer._defer_residual`):
+    logits and every parameter gradient equal the block-by-block adds to the bit."""
+    from llmkit.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=97, d_model=80, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=144, max_seq_len=32,
+                      pos="rope", activation="swiglu", norm="rmsnorm")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, 97, (2, 24))
+    assert model._defer_residual()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), [p.grad for p in model.parameters()]
+
+    fast = run()
+    model._defer_residual = lambda: False
+    ref = run()
+    assert torch.equal(fast[0], ref[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], ref[1]))

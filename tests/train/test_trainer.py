@@ -36,16 +36,53 @@ def test_accumulation_equals_one_big_batch():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
-def test_global_norm_clipping():
+def _clip_and_step(clip, optimizer="adamw", torch_path=False, monkeypatch=None):
+    """One step of a tiny model: (raw grad norm, reported norm, grad norm after _clip, params after, params before);
+    with Adam the parameters after are followed by its first moments (scale-sensitive, unlike Adam's first step)."""
+    import llmkit.train.trainer as T
+
+    if torch_path:  # torch.nn.utils.clip_grad_norm_ and a separate optimizer step: the reference
+        monkeypatch.setattr(T, "fused_f32", lambda *t: None)
+    torch.manual_seed(0)
     m = tiny_model()
     tr, _ = loaders(4, 16)
-    t = Trainer(m, train_cfg(seq_len=16, grad_clip=0.05, lr=10.0), tr)
+    t = Trainer(m, train_cfg(seq_len=16, grad_clip=clip, lr=1e-2, optimizer=optimizer), tr)
+    before = _params(m)
     t.train_step([next(tr)])
     raw = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.parameters())))
     reported = t._clip()
     after = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.parameters())))
+    t._apply()
+    if torch_path:
+        monkeypatch.undo()
+    moments = {f"{n}.exp_avg": t.optimizer.state[p]["exp_avg"] for n, p in m.named_parameters()
+               if "exp_avg" in t.optimizer.state.get(p, {})}
+    return raw, reported, after, {**_params(m), **moments}, before
+
+
+def test_global_norm_clipping(monkeypatch):
+    """The reported norm is the one before clipping and the step equals torch's clip_grad_norm_ followed by the
+    optimizer: the fused AdamW takes the factor in its own pass (grads untouched by `_clip`), others scale them."""
+    raw, reported, after, fast, before = _clip_and_step(0.05)
     assert raw > 0.05 and reported == pytest.approx(raw, rel=1e-5)
-    assert after == pytest.approx(0.05, rel=1e-4)
+    assert after == pytest.approx(raw, rel=1e-6)  # deferred to the fused AdamW
+    raw_r, reported_r, after_r, ref, _ = _clip_and_step(0.05, torch_path=True, monkeypatch=monkeypatch)
+    assert raw_r == raw and reported_r == pytest.approx(raw, rel=1e-5) and after_r == pytest.approx(0.05, rel=1e-4)
+    assert max(float((fast[n] - before[n]).abs().max()) for n in before) > 1e-3  # the step moved the weights
+    assert any(n.endswith(".exp_avg") for n in fast)
+    for n in fast:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    # an optimizer without the fused pass: the gradients are scaled in place
+    raw, reported, after, _, _ = _clip_and_step(0.05, optimizer="sgd")
+    assert reported == pytest.approx(raw, rel=1e-5) and after == pytest.approx(0.05, rel=1e-4)
+
+
+def test_no_clipping_needed_leaves_step_bitwise(monkeypatch):
+    """Below the threshold torch multiplies every gradient by 1.0; skipping that pass changes no bit."""
+    raw, reported, after, fast, _ = _clip_and_step(1e6)
+    assert after == raw
+    ref = _clip_and_step(1e6, torch_path=True, monkeypatch=monkeypatch)[3]
+    assert all(torch.equal(fast[n], ref[n]) for n in fast)
 
 
 def test_z_loss_value():

@@ -597,8 +597,11 @@ bool attention_available();                               // attention.cpp
 std::vector<at::Tensor> causal_attention_fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale, bool save);
 std::vector<at::Tensor> causal_attention_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
                                              at::Tensor P, double scale);
-std::vector<at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps);  // train_ops.cpp
-std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, at::Tensor r);
+std::vector<at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps,
+                                    c10::optional<at::Tensor> a);  // train_ops.cpp
+std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, at::Tensor r,
+                                    c10::optional<at::Tensor> dres);
+double global_norm(std::vector<at::Tensor> ts);
 at::Tensor swiglu_fwd(at::Tensor g, at::Tensor u);
 std::vector<at::Tensor> swiglu_bwd(at::Tensor dh, at::Tensor g, at::Tensor u);
 at::Tensor rope(at::Tensor x, at::Tensor c, at::Tensor s, bool inverse);
@@ -622,12 +625,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_available", &attention_available);
   m.def("causal_attention_fwd", &causal_attention_fwd, py::call_guard<py::gil_scoped_release>());
   m.def("causal_attention_bwd", &causal_attention_bwd, py::call_guard<py::gil_scoped_release>());
-  m.def("rmsnorm_fwd", &rmsnorm_fwd, py::call_guard<py::gil_scoped_release>());
-  m.def("rmsnorm_bwd", &rmsnorm_bwd, py::call_guard<py::gil_scoped_release>());
+  m.def("rmsnorm_fwd", &rmsnorm_fwd, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("a") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rmsnorm_bwd", &rmsnorm_bwd, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("r"),
+        py::arg("dres") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("swiglu_fwd", &swiglu_fwd, py::call_guard<py::gil_scoped_release>());
   m.def("swiglu_bwd", &swiglu_bwd, py::call_guard<py::gil_scoped_release>());
   m.def("rope", &rope, py::call_guard<py::gil_scoped_release>());
   m.def("softmax_xent_", &softmax_xent_, py::call_guard<py::gil_scoped_release>());
+  m.def("global_norm", &global_norm, py::call_guard<py::gil_scoped_release>());
   m.def("avx512", []() { return bool(LLMKIT_AVX512); });
   m.def("vnni", []() { return bool(LLMKIT_VNNI); });
   m.def("bf16dp", []() { return bool(LLMKIT_BF16DP); });

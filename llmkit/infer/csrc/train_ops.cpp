@@ -4,12 +4,14 @@
 // pow, mean, rsqrt and two products (and their backward as five more), SwiGLU as silu, a product and three
 // passes back, RoPE as two products and two fused multiply-adds per half. Each kernel here reads its inputs
 // and writes its outputs once, one row at a time while the row is in L1:
-//   rmsnorm_fwd: y = (x * r) * w, r = 1 / sqrt(mean(x^2) + eps), r kept for the backward;
+//   rmsnorm_fwd: y = (x * r) * w, r = 1 / sqrt(mean(x^2) + eps), r kept for the backward; optionally on
+//     x = x0 + a, the residual add before a pre-norm, written out in the same pass;
 //   rmsnorm_bwd: dx = r * (dy w - xh * mean(dy w xh)), dw = sum over rows of dy * xh (xh = x * r; per-thread
-//     partial sums, added in a fixed order);
+//     partial sums, added in a fixed order); optionally plus the residual stream's gradient;
 //   swiglu_fwd: h = silu(g) * u;  swiglu_bwd: dg = dh * u * s * (1 + g (1 - s)), du = dh * silu(g), s = sigmoid(g);
 //   rope: [x1 c - x2 s, x2 c + x1 s] on the two halves of each head (the backward is the same call with -s),
-//     written in the input's memory layout (the [B, T, H, D] projection viewed as [B, H, T, D] stays so).
+//     written in the input's memory layout (the [B, T, H, D] projection viewed as [B, H, T, D] stays so);
+//   global_norm: the gradient norm for clipping, one parallel pass over all gradients.
 // The inference path of the model calls the same kernels, so its float32 output does not depend on whether
 // the weights require gradients. AVX-512 where the CPU has it, plain loops (auto-vectorised) elsewhere.
 #include <torch/extension.h>
@@ -53,21 +55,51 @@ inline void silu16(__m512 g, __m512& silu, __m512& sig) {
 }
 #endif
 
+// the value as rounded so far: keeps the compiler from contracting a product and a following add into one
+// fused multiply-add (GCC does so by default), where bits must equal PyTorch's separate add
+inline float opaque(float v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+#if defined(__AVX512F__)
+inline __m512 opaque(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+#endif
+
 inline float sigmoid1(float g) { return 1.f / (1.f + std::exp(-g)); }
 
 }  // namespace
 
-// x [..., d], w [d] (the norm weight with its offset added) -> (y like x, r [rows])
-std::vector<at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps) {
+// x [..., d], w [d] (the norm weight with its offset added) -> (y like x, r [rows]). With a residual branch
+// `a` (same shape as x, or an undefined tensor for none) the input is h = x + a, written out too: (y, r, h), so a
+// pre-norm block's residual add and the next norm read the stream once. h is the same float32 sum as x + a.
+std::vector<at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps, c10::optional<at::Tensor> a_opt) {
   x = rows_f32(x, "rmsnorm"), w = rows_f32(w, "rmsnorm");
+  const bool add = a_opt.has_value() && a_opt->defined();
+  const at::Tensor a = add ? rows_f32(*a_opt, "rmsnorm") : at::Tensor();
   const int64_t d = x.size(-1), N = x.numel() / d;
   TORCH_CHECK(w.numel() == d, "rmsnorm: weight has ", w.numel(), " entries for rows of ", d);
-  at::Tensor y = at::empty_like(x), r = at::empty({N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
+  TORCH_CHECK(!add || a.sizes() == x.sizes(), "rmsnorm: residual ", add ? a.sizes() : x.sizes(), " and input ",
+              x.sizes(), " differ");
+  at::Tensor y = at::empty_like(x), r = at::empty({N}, x.options()), h = add ? at::empty_like(x) : x;
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *ap = add ? a.data_ptr<float>() : nullptr;
+  float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>(), *hp = h.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
       const float* xr = xp + i * d;
+      if (add) {  // h = x + a for the row (in L1 for the two passes below)
+        const float* ar = ap + i * d;
+        float* hr = hp + i * d;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        for (; j + 16 <= d; j += 16)
+          _mm512_storeu_ps(hr + j, _mm512_add_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(ar + j)));
+#endif
+        for (; j < d; ++j) hr[j] = xr[j] + ar[j];
+        xr = hr;
+      }
       float* yr = yp + i * d;
       const float ri = 1.f / std::sqrt(sum_squares(xr, d) / float(d) + float(eps));
       rp[i] = ri;
@@ -80,12 +112,21 @@ std::vector<at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps) {
       for (; j < d; ++j) yr[j] = (xr[j] * ri) * wp[j];
     }
   });
+  if (add) return {y, r, h};
   return {y, r};
 }
 
-// (dx like x, dw [d]) from dy, the forward's x, w and r
-std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, at::Tensor r) {
+// (dx like x, dw [d]) from dy, the forward's x (h when it added a residual), w and r. With `dres` (the gradient
+// that reaches x along the residual stream, or undefined) dx = dres + the norm's own term, rounded like the
+// separate add autograd would do (the add is kept apart from the product before it: no fused multiply-add).
+std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, at::Tensor r,
+                                    c10::optional<at::Tensor> dres_opt) {
   dy = rows_f32(dy, "rmsnorm"), x = rows_f32(x, "rmsnorm"), w = rows_f32(w, "rmsnorm"), r = rows_f32(r, "rmsnorm");
+  const bool res = dres_opt.has_value() && dres_opt->defined();
+  const at::Tensor dres = res ? rows_f32(*dres_opt, "rmsnorm") : at::Tensor();
+  TORCH_CHECK(!res || dres.sizes() == x.sizes(), "rmsnorm: residual gradient ", res ? dres.sizes() : x.sizes(),
+              " and input ", x.sizes(), " differ");
+  const float* rsp = res ? dres.data_ptr<float>() : nullptr;
   const int64_t d = x.size(-1), N = x.numel() / d;
   at::Tensor dx = at::empty_like(x);
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(),
@@ -120,15 +161,21 @@ std::vector<at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, a
         }
         m /= float(d);
         j = 0;
+        const float* dr = res ? rsp + i * d : nullptr;
 #if defined(__AVX512F__)
         const __m512 vm = _mm512_set1_ps(m);
         for (; j + 16 <= d; j += 16) {
           __m512 xh = _mm512_mul_ps(_mm512_loadu_ps(xr + j), vr);
           __m512 gw = _mm512_mul_ps(_mm512_loadu_ps(g + j), _mm512_loadu_ps(wp + j));
-          _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_fnmadd_ps(xh, vm, gw), vr));
+          __m512 t = _mm512_mul_ps(_mm512_fnmadd_ps(xh, vm, gw), vr);
+          if (res) t = _mm512_add_ps(opaque(t), _mm512_loadu_ps(dr + j));
+          _mm512_storeu_ps(o + j, t);
         }
 #endif
-        for (; j < d; ++j) o[j] = (g[j] * wp[j] - xr[j] * ri * m) * ri;
+        for (; j < d; ++j) {
+          const float t = (g[j] * wp[j] - xr[j] * ri * m) * ri;
+          o[j] = res ? opaque(t) + dr[j] : t;
+        }
       }
     }
   });
@@ -293,4 +340,46 @@ std::vector<at::Tensor> softmax_xent_(at::Tensor logits, at::Tensor target) {
     }
   });
   return {lse, picked, other};
+}
+
+// sqrt(sum of squares) over all elements of the float32 CPU tensors `ts` (the global gradient norm that clipping
+// needs): one parallel pass. The elements are cut into fixed chunks of 32Ki (per tensor), each summed in float32
+// over 64 lanes and then in double, and the chunk sums are added in order, so the result does not depend on the
+// thread count. inf / NaN propagate.
+double global_norm(std::vector<at::Tensor> ts) {
+  constexpr int64_t CH = 1 << 15;
+  std::vector<const float*> ptr;
+  std::vector<int64_t> len;
+  for (auto& t : ts) {
+    t = rows_f32(t, "global_norm");
+    for (int64_t s = 0; s < t.numel(); s += CH) {
+      ptr.push_back(t.data_ptr<float>() + s);
+      len.push_back(std::min(CH, t.numel() - s));
+    }
+  }
+  std::vector<double> part(ptr.size(), 0.0);
+  at::parallel_for(0, int64_t(ptr.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c) {
+      const float* x = ptr[size_t(c)];
+      const int64_t n = len[size_t(c)];
+      int64_t j = 0;
+      double s = 0.0;
+#if defined(__AVX512F__)
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (; j + 64 <= n; j += 64) {
+        const __m512 v0 = _mm512_loadu_ps(x + j), v1 = _mm512_loadu_ps(x + j + 16);
+        const __m512 v2 = _mm512_loadu_ps(x + j + 32), v3 = _mm512_loadu_ps(x + j + 48);
+        a0 = _mm512_fmadd_ps(v0, v0, a0), a1 = _mm512_fmadd_ps(v1, v1, a1);
+        a2 = _mm512_fmadd_ps(v2, v2, a2), a3 = _mm512_fmadd_ps(v3, v3, a3);
+      }
+      s = double(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+#endif
+      float t = 0.f;
+      for (; j < n; ++j) t += x[j] * x[j];
+      part[size_t(c)] = s + double(t);
+    }
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  return std::sqrt(total);
 }
