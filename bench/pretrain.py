@@ -12,7 +12,12 @@
 (b) throughput: tokens/s and MFU of a ~20M-parameter Llama-style model, llmkit `Transformer` + `Trainer`
     step vs transformers' `LlamaForCausalLM` (same config, AdamW, batch), fp32 and bf16 autocast. MFU is
     against the measured matmul peak of this machine (llmkit.train.metrics.measured_peak_flops).
-Usage: .venv/bin/python bench/pretrain.py [--only quality|throughput] [--threads 2]
+(c) GPU MFU (run it where a CUDA GPU is present; not part of the default run): GPT-2-124M (the `gpt2` preset, the
+    model of llmkit/recipes/gpt2-124m.yaml) trained by `Trainer` on random tokens in bf16 autocast with
+    torch.compile, micro-batch 16 x 1024, vocabulary padded to 50304 like nanoGPT's and llm.c's runs. MFU is reported against the GPU's nominal dense bf16 peak (989 TFLOP/s
+    for H100/H200 SXM) and against a measured 8192^3 bf16 matmul. Target: >= 45% on an H100/H200-class GPU.
+    `--gpu-device cpu --gpu-layers 2 --gpu-seq 64 --gpu-batch 2 --no-compile` runs the same code as a smoke test.
+Usage: .venv/bin/python bench/pretrain.py [--only quality|throughput|gpu] [--threads 2]
 """
 from __future__ import annotations
 
@@ -309,9 +314,70 @@ def throughput(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- (c) GPU MFU
+NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+                "L40S": 362e12, "B200": 2250e12}  # dense bf16 tensor-core peaks (SXM parts), FLOP/s
+
+
+def gpu(args) -> dict:
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.transformer import Transformer
+    from llmkit.train.config import TrainConfig
+    from llmkit.train.metrics import flops_per_token, measured_peak_flops
+    from llmkit.train.trainer import Trainer
+
+    dev = args.gpu_device
+    cuda = dev.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("(c) needs a CUDA GPU (or --gpu-device cpu for the smoke run)")
+    T, B = args.gpu_seq, args.gpu_batch
+    over = {"max_seq_len": max(T, 1024), "vocab_size": args.gpu_vocab}
+    if args.gpu_layers:
+        over["n_layers"] = args.gpu_layers
+    mcfg = ModelConfig.preset("gpt2", **over)
+    torch.manual_seed(0)
+    cfg = TrainConfig(max_steps=10**6, micro_batch_size=B, seq_len=T, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                      dtype="bf16", compile=not args.no_compile, device=dev, progress=False, tensorboard=False,
+                      warmup_steps=1)
+    tr = Trainer(Transformer(mcfg), cfg, iter(()))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(dev) for _ in range(2)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(i):
+        b = batches[i % 2]
+        tr.train_step([{"input_ids": b[:, :-1], "labels": b[:, 1:]}])
+        tr._clip()
+        tr._apply()
+
+    t0 = time.perf_counter()
+    for i in range(args.gpu_warmup):  # includes torch.compile's first traces
+        step(i)
+    sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(args.gpu_steps):
+        step(i)
+    sync()
+    tps = args.gpu_steps * B * T / (time.perf_counter() - t0)
+    fpt = flops_per_token(mcfg, T)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
+    measured = measured_peak_flops("bf16", dev)
+    out = {"device": name, "params": mcfg.num_params(), "tok_s": tps, "flops_per_token": fpt,
+           "mfu_measured": tps * fpt / measured, "mfu_nominal": tps * fpt / nominal if nominal else None,
+           "warmup_s": warm}
+    print(f"gpu: {name}, GPT-2 preset ({mcfg.n_layers} layers, {mcfg.num_params() / 1e6:.0f}M params), B={B} T={T}, "
+          f"bf16, compile={not args.no_compile}; warm-up {warm:.0f} s")
+    print(f"gpu: {tps:,.0f} tok/s, MFU {out['mfu_measured']:.1%} of the measured bf16 matmul peak "
+          f"({measured / 1e12:.1f} TFLOP/s)" + (f", {out['mfu_nominal']:.1%} of the nominal {nominal / 1e12:.0f} "
+                                                f"TFLOP/s (target >= 45%)" if nominal else ""), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["quality", "throughput"])
+    ap.add_argument("--only", choices=["quality", "throughput", "gpu"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipe", default="shakespeare-char")
     ap.add_argument("--skip-peer", action="store_true", help="(a): run only the llmkit recipe (tuning)")
@@ -323,12 +389,23 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="(b): print every round")
     ap.add_argument("--rounds", type=int, default=2, help="(b): interleaved rounds per engine (best is kept)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="(b): comma-separated, of fp32 and bf16")
+    ap.add_argument("--gpu-device", default="cuda", help="(c): the device (cpu for a smoke run)")
+    ap.add_argument("--gpu-batch", type=int, default=16, help="(c): sequences per step")
+    ap.add_argument("--gpu-seq", type=int, default=1024, help="(c): tokens per sequence")
+    ap.add_argument("--gpu-vocab", type=int, default=50304,
+                    help="(c): 50257 padded to a multiple of 64, as nanoGPT and llm.c do for GPT-2 on GPUs")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="(c): override the preset's 12 layers (smoke run)")
+    ap.add_argument("--gpu-warmup", type=int, default=5, help="(c): untimed steps (compilation)")
+    ap.add_argument("--gpu-steps", type=int, default=20, help="(c): timed steps")
+    ap.add_argument("--no-compile", action="store_true", help="(c): skip torch.compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in (None, "quality"):
         quality(args)
     if args.only in (None, "throughput"):
         throughput(args)
+    if args.only == "gpu":
+        gpu(args)
 
 
 if __name__ == "__main__":
