@@ -32,10 +32,7 @@ class Norm(nn.Module):
         `h = x + delta; self(h)` to the bit."""
         if delta is None:
             return x, self(x)
-        # plain tensors only: a subclass (tensor parallelism's all-reduced branch arrives as an AsyncCollectiveTensor,
-        # which waits for its collective when a torch op reads it) goes through the torch add
-        plain = type(x) is torch.Tensor and type(delta) is torch.Tensor
-        if self.kind == "rmsnorm" and plain and delta.shape == x.shape and fused_f32(x, delta, self.weight) is not None:
+        if self.kind == "rmsnorm" and delta.shape == x.shape and fused_f32(x, delta, self.weight) is not None:
             return _NativeAddRMSNorm.apply(x, delta, self.weight, self.eps, self.offset)
         h = x + delta
         return h, self(h)
@@ -87,12 +84,18 @@ class _RMSNormGrad(torch.autograd.Function):
 
 def fused_f32(*tensors: torch.Tensor):
     """The native extension when its fused float32 kernels (llmkit/infer/csrc/train_ops.cpp: RMSNorm, SwiGLU,
-    RoPE, forward and backward) apply to these tensors: all float32 on CPU, not under torch.compile (which
-    fuses the plain ops itself), extension built. Training and inference take the same kernels, so float32
-    outputs do not depend on whether gradients are needed. None elsewhere."""
-    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    RoPE, forward and backward) apply to these tensors: all plain float32 CPU tensors or parameters, not under
+    torch.compile (which fuses the plain ops itself), extension built. Training and inference take the same
+    kernels, so float32 outputs do not depend on whether gradients are needed. None elsewhere, subclasses
+    included: the kernels read raw memory, and a DTensor shard or tensor parallelism's AsyncCollectiveTensor
+    (which waits for its all-reduce only when a torch op reads it) must go through torch ops."""
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
+                                            for t in tensors):
         return None
     return native_ext()
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def native_ext():

@@ -47,29 +47,28 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: dict, delta: torch.Tensor | None = None):
-        """The block's output for input x. With ctx["defer"] (pre-norm blocks, see `Transformer._defer_residual`)
-        the input is x + delta and the block returns (h, m) for the output h + m: each residual add is then done
-        by the norm that follows it, in the same pass (`Norm.add_forward`), with the same values."""
+        """Post-LN and parallel blocks return their output. Pre-norm blocks (sandwich included) take x + delta as
+        their input and return (h, m) for the output h + m: each residual add is done by the norm that follows
+        it (`Norm.add_forward`, one native pass each way for float32 RMSNorm on CPU, same values as the add),
+        so the stack hands m on to the next block's first norm or to the final norm (`Transformer._finish`)."""
         attn_kw = dict(rope=ctx["rope"], mask=ctx["mask"], bias=ctx["bias"], cache=ctx["cache"], is_causal=ctx["is_causal"])
-        if ctx.get("defer"):
-            h, n = self.attn_norm.add_forward(x, delta)
-            h, n = self.mlp_norm.add_forward(h, self.attn(_autocast_input(n), **attn_kw))
-            return h, self.mlp(_autocast_input(n))
         if self.cfg.parallel_block:  # GPT-J / PaLM: both branches read the same normalised input
             h = _autocast_input(self.attn_norm(x))
             return x + self.drop(self.attn(h, **attn_kw)) + self.drop(self.mlp(h))
-        pos = self.cfg.norm_position
-        if pos == "post":  # Post-LN: Norm(alpha*x + f(x)); alpha = 1 unless DeepNorm
+        if self.cfg.norm_position == "post":  # Post-LN: Norm(alpha*x + f(x)); alpha = 1 unless DeepNorm
             x = self.attn_norm(self.alpha * x + self.drop(self.attn(x, **attn_kw)))
             if self.cross_attn is not None:
                 x = self.cross_norm(self.alpha * x + self._cross(x, ctx))
             return self.mlp_norm(self.alpha * x + self.drop(self.mlp(x)))
-        a = self.attn(_autocast_input(self.attn_norm(x)), **attn_kw)
-        x = x + self.drop(self.post_attn_norm(a) if self.post_attn_norm is not None else a)
+        h, n = self.attn_norm.add_forward(x, delta)
+        a = self.attn(_autocast_input(n), **attn_kw)
+        branch = self.drop(self.post_attn_norm(a) if self.post_attn_norm is not None else a)
         if self.cross_attn is not None:
-            x = x + self._cross(self.cross_norm(x), ctx)
-        m = self.mlp(_autocast_input(self.mlp_norm(x)))
-        return x + self.drop(self.post_mlp_norm(m) if self.post_mlp_norm is not None else m)
+            h, n = self.cross_norm.add_forward(h, branch)
+            branch = self._cross(n, ctx)
+        h, n = self.mlp_norm.add_forward(h, branch)
+        m = self.mlp(_autocast_input(n))
+        return h, self.drop(self.post_mlp_norm(m) if self.post_mlp_norm is not None else m)
 
     def _cross(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         return self.drop(self.cross_attn(x, memory=ctx["memory"], mask=ctx["cross_mask"], cache=ctx["cache"]))
@@ -166,9 +165,10 @@ class Transformer(nn.Module):
         bias = self.enc_t5_bias(positions[:1], positions[:1]) if self.cfg.pos == "t5" else None
         rope = self._rope(positions)["global"]
         ctx = dict(rope=rope, mask=mask, bias=bias, cache=None, is_causal=False)
+        delta = None
         for blk in self.encoder:
-            x = blk(x, ctx)
-        return self.enc_norm(x) if self.enc_norm is not None else x
+            x, delta = self._block(blk, x, ctx, delta)
+        return self._finish(x, delta, self.enc_norm)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -229,32 +229,31 @@ class Transformer(nn.Module):
             if encoder_attn_mask is not None:
                 cross_mask = encoder_attn_mask[:, None, None, :].bool()
 
-        defer, delta = self._defer_residual(), None
+        delta = None
         for i, blk in enumerate(self.layers):
             kind = cfg.layer_type(i)
             ctx = dict(rope=rope[kind], mask=masks[kind], bias=bias, cache=cache, is_causal=causal_flags[kind],
-                       memory=memory, cross_mask=cross_mask, defer=defer)
-            if defer:
-                x, delta = blk(x, ctx, delta)
-            else:
-                x = blk(x, ctx)
+                       memory=memory, cross_mask=cross_mask)
+            x, delta = self._block(blk, x, ctx, delta)
         if cache is not None:
             cache.length = start + T
-        if defer:
-            x = self.norm.add_forward(x, delta)[1]
-        elif self.norm is not None:
-            x = self.norm(x)
+        x = self._finish(x, delta, self.norm)
         if return_hidden:
             return x
         return self.project(x)
 
-    def _defer_residual(self) -> bool:
-        """Whether the decoder stack hands each block's last residual branch on to the next norm (Block.forward):
-        plain pre-norm blocks (no sandwich or parallel layout, no cross-attention), no active dropout, a final
-        norm. Saves a pass over the residual stream per add, forward and backward; the values are unchanged."""
-        cfg = self.cfg
-        return (cfg.norm_position == "pre" and not cfg.parallel_block and cfg.arch != "encoder_decoder"
-                and self.norm is not None and (cfg.dropout == 0 or not self.training))
+    def _block(self, blk: Block, x: torch.Tensor, ctx: dict, delta: torch.Tensor | None):
+        """(residual stream, its pending branch) after one block (see `Block.forward`)."""
+        if self.cfg.norm_position == "post" or self.cfg.parallel_block:
+            return blk(x, ctx), None
+        return blk(x, ctx, delta)
+
+    @staticmethod
+    def _finish(x: torch.Tensor, delta: torch.Tensor | None, norm) -> torch.Tensor:
+        """A stack's output: its last residual add, then its final norm (one pass where `Norm.add_forward` fuses)."""
+        if norm is not None:
+            return norm.add_forward(x, delta)[1]
+        return x if delta is None else x + delta
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed.weight.t()

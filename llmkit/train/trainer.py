@@ -192,8 +192,8 @@ class Trainer:
         if self.dist is not None and hasattr(self.dist, "clip_grad_norm"):
             return float(self.dist.clip_grad_norm(self.params, max_norm))
         grads = [p.grad for p in self.params if p.grad is not None]
-        ext = fused_f32(*grads) if grads and self.scaler is None and self.dist is None else None
-        if ext is None or not all(type(g) is torch.Tensor for g in grads):
+        ext = fused_f32(*grads) if grads and self.scaler is None else None  # (fp16's scaler: CUDA only)
+        if ext is None:
             return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         norm = ext.global_norm(grads)
         coef = max_norm / (norm + 1e-6)  # torch's formula; NaN / inf norms give NaN / 0 like torch

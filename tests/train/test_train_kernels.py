@@ -1,6 +1,7 @@
 """The hand-written training kernels (causal attention, RMSNorm, RoPE, fused loss) equal torch's own ops
 and leave the model's numbers unchanged (survey §4.3 efficiency)."""
 import ctypes
+import math
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,30 @@ def test_fp32_training_step_takes_the_native_kernels(monkeypatch):
 
 
 @needs_fused
+def test_global_norm_equals_float64_on_any_thread_count():
+    """The clipping norm's native pass: within float32 summation error of the float64 norm (sizes with chunk and
+    vector tails), the same bits on 1 and 2 threads, inf and NaN passed through like torch's."""
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=g) * s for n, s in ((3 * 32768 + 5, 1e-3), (384, 10.0), (7, 3.0), (40000, 0.1))]
+    ref = float(torch.linalg.vector_norm(torch.cat([t.double() for t in ts])))
+    ext = Lyr.native_ext()
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(ext.global_norm(ts))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] and got[0] == pytest.approx(ref, rel=1e-6)
+    ts[2][1] = float("inf")
+    assert ext.global_norm(ts) == float("inf")
+    ts[2][1] = float("nan")
+    assert math.isnan(ext.global_norm(ts))
+    assert ext.global_norm([]) == 0.0
+
+
+@needs_fused
 @pytest.mark.parametrize("d,offset", [(64, 0.0), (100, 0.0), (48, 1.0)])
 @pytest.mark.parametrize("use_sum", [True, False])
 def test_add_rmsnorm_same_bits_as_add_then_norm(d, offset, use_sum):
@@ -435,26 +460,38 @@ def test_add_rmsnorm_same_bits_as_add_then_norm(d, offset, use_sum):
 
 
 @needs_fused
-def test_deferred_residual_adds_same_bits():
-    """Pre-norm decoder blocks hand their last residual branch to the next norm (`Transformer._defer_residual`):
-    logits and every parameter gradient equal the block-by-block adds to the bit."""
+@pytest.mark.parametrize("kind", ["decoder", "sandwich", "encoder_decoder"])
+def test_deferred_residual_adds_same_bits(kind, monkeypatch):
+    """Pre-norm blocks hand their last residual branch to the next norm, which adds it in its own native pass
+    (`Block.forward`, `Transformer._finish`): logits and every parameter gradient equal those of torch's add
+    followed by the norm, to the bit; the native add + norm is taken for every norm after the first."""
     from llmkit.model import ModelConfig, Transformer
 
-    cfg = ModelConfig(vocab_size=97, d_model=80, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=144, max_seq_len=32,
-                      pos="rope", activation="swiglu", norm="rmsnorm")
+    extra = {"sandwich": dict(norm_position="sandwich"), "encoder_decoder": dict(arch="encoder_decoder", pos="learned",
+                                                                                n_encoder_layers=2)}.get(kind, {})
+    cfg = ModelConfig(**{**dict(vocab_size=97, d_model=80, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=144,
+                                max_seq_len=32, pos="rope", activation="swiglu", norm="rmsnorm"), **extra})
     torch.manual_seed(0)
     model = Transformer(cfg)
     ids = torch.randint(0, 97, (2, 24))
-    assert model._defer_residual()
+    kw = {"encoder_input_ids": torch.randint(0, 97, (2, 20))} if kind == "encoder_decoder" else {}
+    calls = {"add_norm": 0}
+    monkeypatch.setattr(Lyr._NativeAddRMSNorm, "apply", _counting(calls, Lyr._NativeAddRMSNorm.apply, "add_norm"))
 
     def run():
         model.zero_grad(set_to_none=True)
-        logits = model(ids)
+        logits = model(ids, **kw)
         logits.float().pow(2).mean().backward()
         return logits.detach(), [p.grad for p in model.parameters()]
 
     fast = run()
-    model._defer_residual = lambda: False
+    assert calls["add_norm"] > 0
+
+    def torch_add(self, x, delta):
+        h = x if delta is None else x + delta
+        return h, self(h)
+
+    monkeypatch.setattr(Norm, "add_forward", torch_add)
     ref = run()
     assert torch.equal(fast[0], ref[0])
     assert all(torch.equal(a, b) for a, b in zip(fast[1], ref[1]))

@@ -344,8 +344,8 @@ std::vector<at::Tensor> softmax_xent_(at::Tensor logits, at::Tensor target) {
 
 // sqrt(sum of squares) over all elements of the float32 CPU tensors `ts` (the global gradient norm that clipping
 // needs): one parallel pass. The elements are cut into fixed chunks of 32Ki (per tensor), each summed in float32
-// over 64 lanes and then in double, and the chunk sums are added in order, so the result does not depend on the
-// thread count. inf / NaN propagate.
+// by `sum_squares` (as RMSNorm's rows), and the chunk sums are added in order in double, so the result does not
+// depend on the thread count. inf / NaN propagate.
 double global_norm(std::vector<at::Tensor> ts) {
   constexpr int64_t CH = 1 << 15;
   std::vector<const float*> ptr;
@@ -359,25 +359,7 @@ double global_norm(std::vector<at::Tensor> ts) {
   }
   std::vector<double> part(ptr.size(), 0.0);
   at::parallel_for(0, int64_t(ptr.size()), 1, [&](int64_t a, int64_t b) {
-    for (int64_t c = a; c < b; ++c) {
-      const float* x = ptr[size_t(c)];
-      const int64_t n = len[size_t(c)];
-      int64_t j = 0;
-      double s = 0.0;
-#if defined(__AVX512F__)
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (; j + 64 <= n; j += 64) {
-        const __m512 v0 = _mm512_loadu_ps(x + j), v1 = _mm512_loadu_ps(x + j + 16);
-        const __m512 v2 = _mm512_loadu_ps(x + j + 32), v3 = _mm512_loadu_ps(x + j + 48);
-        a0 = _mm512_fmadd_ps(v0, v0, a0), a1 = _mm512_fmadd_ps(v1, v1, a1);
-        a2 = _mm512_fmadd_ps(v2, v2, a2), a3 = _mm512_fmadd_ps(v3, v3, a3);
-      }
-      s = double(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
-#endif
-      float t = 0.f;
-      for (; j < n; ++j) t += x[j] * x[j];
-      part[size_t(c)] = s + double(t);
-    }
+    for (int64_t c = a; c < b; ++c) part[size_t(c)] = double(sum_squares(ptr[size_t(c)], len[size_t(c)]));
   });
   double total = 0.0;
   for (double p : part) total += p;
