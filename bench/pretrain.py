@@ -14,9 +14,11 @@
     against the measured matmul peak of this machine (llmkit.train.metrics.measured_peak_flops).
 (c) GPU MFU (run it where a CUDA GPU is present; not part of the default run): GPT-2-124M (the `gpt2` preset, the
     model of llmkit/recipes/gpt2-124m.yaml) trained by `Trainer` on random tokens in bf16 autocast with
-    torch.compile, micro-batch 16 x 1024, vocabulary padded to 50304 like nanoGPT's and llm.c's runs. MFU is reported against the GPU's nominal dense bf16 peak (989 TFLOP/s
-    for H100/H200 SXM) and against a measured 8192^3 bf16 matmul. Target: >= 45% on an H100/H200-class GPU.
-    `--gpu-device cpu --gpu-layers 2 --gpu-seq 64 --gpu-batch 2 --no-compile` runs the same code as a smoke test.
+    torch.compile, micro-batches of 16 and 64 sequences x 1024 tokens (one run each), vocabulary padded to 50304
+    like nanoGPT's and llm.c's runs. MFU is reported against the GPU's nominal dense bf16 peak (989 TFLOP/s for
+    H100/H200 SXM) and against a measured 8192^3 bf16 matmul. Target: >= 45% on an H100/H200-class GPU.
+    `bench/gpu_check.sh` runs it after the CUDA tests. `--gpu-device cpu --gpu-layers 2 --gpu-seq 64 --gpu-batch 2
+    --no-compile` runs the same code as a smoke test.
 Usage: .venv/bin/python bench/pretrain.py [--only quality|throughput|gpu] [--threads 2]
 """
 from __future__ import annotations
@@ -315,11 +317,11 @@ def throughput(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- (c) GPU MFU
-NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
                 "L40S": 362e12, "B200": 2250e12}  # dense bf16 tensor-core peaks (SXM parts), FLOP/s
 
 
-def gpu(args) -> dict:
+def gpu(args) -> list[dict]:
     from llmkit.model.config import ModelConfig
     from llmkit.model.transformer import Transformer
     from llmkit.train.config import TrainConfig
@@ -330,49 +332,60 @@ def gpu(args) -> dict:
     cuda = dev.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("(c) needs a CUDA GPU (or --gpu-device cpu for the smoke run)")
-    T, B = args.gpu_seq, args.gpu_batch
+    T = args.gpu_seq
     over = {"max_seq_len": max(T, 1024), "vocab_size": args.gpu_vocab}
     if args.gpu_layers:
         over["n_layers"] = args.gpu_layers
     mcfg = ModelConfig.preset("gpt2", **over)
-    torch.manual_seed(0)
-    cfg = TrainConfig(max_steps=10**6, micro_batch_size=B, seq_len=T, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                      dtype="bf16", compile=not args.no_compile, device=dev, progress=False, tensorboard=False,
-                      warmup_steps=1)
-    tr = Trainer(Transformer(mcfg), cfg, iter(()))
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(dev) for _ in range(2)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def step(i):
-        b = batches[i % 2]
-        tr.train_step([{"input_ids": b[:, :-1], "labels": b[:, 1:]}])
-        tr._clip()
-        tr._apply()
-
-    t0 = time.perf_counter()
-    for i in range(args.gpu_warmup):  # includes torch.compile's first traces
-        step(i)
-    sync()
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(args.gpu_steps):
-        step(i)
-    sync()
-    tps = args.gpu_steps * B * T / (time.perf_counter() - t0)
-    fpt = flops_per_token(mcfg, T)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
     measured = measured_peak_flops("bf16", dev)
-    out = {"device": name, "params": mcfg.num_params(), "tok_s": tps, "flops_per_token": fpt,
-           "mfu_measured": tps * fpt / measured, "mfu_nominal": tps * fpt / nominal if nominal else None,
-           "warmup_s": warm}
-    print(f"gpu: {name}, GPT-2 preset ({mcfg.n_layers} layers, {mcfg.num_params() / 1e6:.0f}M params), B={B} T={T}, "
-          f"bf16, compile={not args.no_compile}; warm-up {warm:.0f} s")
-    print(f"gpu: {tps:,.0f} tok/s, MFU {out['mfu_measured']:.1%} of the measured bf16 matmul peak "
-          f"({measured / 1e12:.1f} TFLOP/s)" + (f", {out['mfu_nominal']:.1%} of the nominal {nominal / 1e12:.0f} "
-                                                f"TFLOP/s (target >= 45%)" if nominal else ""), flush=True)
-    return out
+    fpt = flops_per_token(mcfg, T)
+    print(f"gpu: {name}, GPT-2 preset ({mcfg.n_layers} layers, {mcfg.num_params() / 1e6:.0f}M params), T={T}, bf16, "
+          f"compile={not args.no_compile}; measured bf16 matmul peak {measured / 1e12:.1f} TFLOP/s"
+          + (f", nominal {nominal / 1e12:.0f}" if nominal else ""), flush=True)
+    results = []
+    for B in (int(b) for b in str(args.gpu_batch).split(",")):
+        torch.manual_seed(0)
+        cfg = TrainConfig(max_steps=10**6, micro_batch_size=B, seq_len=T, lr=6e-4, betas=(0.9, 0.95),
+                          weight_decay=0.1, dtype="bf16", compile=not args.no_compile, device=dev, progress=False,
+                          tensorboard=False, warmup_steps=1)
+        tr = Trainer(Transformer(mcfg), cfg, iter(()))
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(dev) for _ in range(2)]
+
+        def step(i):  # what Trainer.fit does per step, without the data loader
+            b = batches[i % 2]
+            tr.train_step([{"input_ids": b[:, :-1], "labels": b[:, 1:]}])
+            tr._clip()
+            tr._apply()
+
+        t0 = time.perf_counter()
+        for i in range(args.gpu_warmup):  # includes torch.compile's first traces
+            step(i)
+        sync()
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(args.gpu_steps):
+            step(i)
+        sync()
+        dt = (time.perf_counter() - t0) / args.gpu_steps
+        tps = B * T / dt
+        out = {"device": name, "batch": B, "params": mcfg.num_params(), "tok_s": tps, "step_ms": 1e3 * dt,
+               "flops_per_token": fpt, "mfu_measured": tps * fpt / measured,
+               "mfu_nominal": tps * fpt / nominal if nominal else None, "warmup_s": warm,
+               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        print(f"gpu: B={B}: {tps:,.0f} tok/s ({1e3 * dt:.1f} ms/step, warm-up {warm:.0f} s), MFU "
+              f"{out['mfu_measured']:.1%} of the measured peak" + (f", {out['mfu_nominal']:.1%} of the nominal "
+                                                                 f"(target >= 45%)" if nominal else "")
+              + (f"; peak memory {out['peak_mem_gib']:.1f} GiB" if cuda else ""), flush=True)
+        results.append(out)
+        del tr, batches
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return results
 
 
 def main() -> None:
@@ -390,7 +403,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="(b): interleaved rounds per engine (best is kept)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="(b): comma-separated, of fp32 and bf16")
     ap.add_argument("--gpu-device", default="cuda", help="(c): the device (cpu for a smoke run)")
-    ap.add_argument("--gpu-batch", type=int, default=16, help="(c): sequences per step")
+    ap.add_argument("--gpu-batch", default="16,64", help="(c): sequences per step, comma-separated (one run each)")
     ap.add_argument("--gpu-seq", type=int, default=1024, help="(c): tokens per sequence")
     ap.add_argument("--gpu-vocab", type=int, default=50304,
                     help="(c): 50257 padded to a multiple of 64, as nanoGPT and llm.c do for GPT-2 on GPUs")

@@ -249,9 +249,12 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, rot_dim] (float32)."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:
-            self._grow(max(need, 2 * self.cos.shape[0]))
+        # growing needs the largest position on the host: a device sync, and a graph break under torch.compile,
+        # whose traced steps use the tables built for max_seq_len at init (a position past them fails to index)
+        if not torch.compiler.is_compiling():
+            need = int(positions.max()) + 1 if positions.numel() else 0
+            if need > self.cos.shape[0]:
+                self._grow(max(need, 2 * self.cos.shape[0]))
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 

@@ -11,6 +11,7 @@ Implements:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class TrainConfig:
     max_rollbacks: int = 10
     # ---- precision and memory (F5, F6)
     dtype: str = "fp32"  # autocast dtype; weights stay fp32 (master weights)
+    loss_scale_init: float = 2.0 ** 16  # fp16's dynamic loss scale: start, halved on inf/NaN gradients (step skipped),
+    loss_scale_growth_interval: int = 2000  # doubled after this many clean steps in a row (torch's GradScaler)
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"  # auto = cuda if available else cpu
@@ -95,6 +98,9 @@ class TrainConfig:
             raise ValueError("train.batch_ramp_steps needs train.batch_ramp_start > 0 (sequences per step at step 0)")
         if self.max_steps <= 0:
             raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
+        if not (self.loss_scale_init > 0 and math.isfinite(self.loss_scale_init)) or self.loss_scale_growth_interval < 1:
+            raise ValueError(f"train.loss_scale_init must be a positive finite number and train.loss_scale_growth_interval "
+                             f">= 1, got {self.loss_scale_init} and {self.loss_scale_growth_interval}")
 
     @property
     def global_batch(self) -> int:

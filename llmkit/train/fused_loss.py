@@ -23,6 +23,9 @@ from .objectives import IGNORE
 # gradient, so chunks are not tiny; measured at V=8192, d=384, 2048 rows, bf16, one core (bench/pretrain.py
 # shapes): 256 rows 135 ms, 512 rows 104 ms, 1024 rows 110 ms, 2048 rows 128 ms (fresh 32 MiB buffers page-fault)
 CHUNK_ELEMENTS = 1 << 22
+# On a GPU the chunks are bounded by memory alone (512 MiB of bf16 logits): at GPT-2's V = 50304 the CPU bound
+# would give 83-row chunks, each a dozen small kernel launches and a pass over the [V, d] weight gradient
+CHUNK_ELEMENTS_GPU = 1 << 28
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -123,7 +126,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1)
-    chunk = chunk or max(64, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk or max(64, (CHUNK_ELEMENTS if h.device.type == "cpu" else CHUNK_ELEMENTS_GPU) // weight.shape[0])
     # gradients are computed in the forward pass, so skip them when no backward can follow (evaluation)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     loss, ce, zl = LinearCrossEntropy.apply(h, weight, lab, float(z_loss), int(chunk), need)

@@ -84,8 +84,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        with open(self.path, "a") as f:  # strict JSON: inf / NaN (an fp16 overflow's grad norm) go as "inf" / "nan"
+            f.write(json.dumps({k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in rec.items()}, allow_nan=False) + "\n")
         step = rec.get("step", 0)
         scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
         if self.tb is not None:
@@ -110,9 +111,16 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl's records, with the "inf" / "nan" that `MetricsLogger.log` wrote back as floats."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    return [{k: _NONFINITE[v] if isinstance(v, str) and v in _NONFINITE else v for k, v in json.loads(ln).items()}
+            for ln in p.read_text().splitlines() if ln.strip()]
 
 
 class Progress:

@@ -6,8 +6,9 @@ Implements:
   history), is a spike. The trainer then rolls back to the last good checkpoint and skips the data
   window that produced it, as PaLM and OPT did by hand (PaLM: restart ~100 steps earlier and skip
   200-500 batches);
-- `make_grad_scaler(dtype, device)`: PyTorch's dynamic loss scaler for fp16 (skip the step on inf,
-  halve the scale, grow it back after 2000 good steps); None for fp32/bf16, which need none.
+- `make_grad_scaler(dtype, device, init_scale, growth_interval)`: PyTorch's dynamic loss scaler for fp16
+  (skip the step on inf/NaN gradients, halve the scale, double it after `growth_interval` clean steps in a
+  row; Micikevicius et al. 2018), on CUDA and CPU alike; None for fp32/bf16, which need none.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class SpikeDetector:
         self.mean, self.var, self.n = float(d["mean"]), float(d["var"]), int(d["n"])
 
 
-def make_grad_scaler(dtype: str, device: torch.device):
+def make_grad_scaler(dtype: str, device: torch.device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
     """fp16 needs dynamic loss scaling (Micikevicius et al. 2018); bf16 has fp32's range and does not."""
     if dtype != "fp16":
         return None
-    return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)

@@ -78,6 +78,11 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return n
 
 
+def _floats(record: dict) -> dict:
+    """A step's record with its metrics read off the device (one sync, at logging only)."""
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
+
+
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data, loss_fn=None, out_dir=None, val_data=None,
                  params=None, dist=None, tokenizer=None, model_config=None, hooks=None, recipe: dict | None = None):
@@ -105,9 +110,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.ckpt_dir = self.out_dir / "checkpoints" if self.out_dir else None
         self.autocast = AUTOCAST[cfg.dtype]
-        if cfg.dtype == "fp16" and self.device.type != "cuda":
-            raise ValueError("dtype=fp16 needs a CUDA GPU (dynamic loss scaling); on CPU use dtype=bf16 or fp32")
-        self.scaler = make_grad_scaler(cfg.dtype, self.device)
+        self.scaler = make_grad_scaler(cfg.dtype, self.device, cfg.loss_scale_init, cfg.loss_scale_growth_interval)
         self.detector = SpikeDetector(cfg.spike_zscore, cfg.spike_min_steps, cfg.spike_ema)
         self.step, self.tokens_seen, self.wall_offset = 0, 0, 0.0
         self.skip_windows: list[list[int]] = []  # [first_step, last_step] whose data is dropped after a roll-back
@@ -149,8 +152,10 @@ class Trainer:
     @staticmethod
     def _weights(batches: list[dict]) -> list[float]:
         """Each micro-batch's share of the step's target tokens: accumulation == one big batch."""
+        if len(batches) == 1:  # (no count: on a GPU it would wait for the device)
+            return [1.0]
         if all("labels" in b for b in batches):
-            counts = [int((b["labels"] != IGNORE).sum()) for b in batches]
+            counts = torch.stack([(b["labels"] != IGNORE).sum() for b in batches]).tolist()  # one device sync
             total = sum(counts)
             if total > 0:
                 return [c / total for c in counts]
@@ -172,8 +177,8 @@ class Trainer:
                 scaled = loss * w
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach() * w
-            for k, v in (metrics or {}).items():
-                agg[k] = agg.get(k, 0.0) + float(v) * w
+            for k, v in (metrics or {}).items():  # tensors stay on the device until logged
+                agg[k] = agg.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) * w
         if self.dist is not None and hasattr(self.dist, "reduce_mean"):
             total = self.dist.reduce_mean(total)
         return float(total), agg
@@ -192,7 +197,7 @@ class Trainer:
         if self.dist is not None and hasattr(self.dist, "clip_grad_norm"):
             return float(self.dist.clip_grad_norm(self.params, max_norm))
         grads = [p.grad for p in self.params if p.grad is not None]
-        ext = fused_f32(*grads) if grads and self.scaler is None else None  # (fp16's scaler: CUDA only)
+        ext = fused_f32(*grads) if grads and self.scaler is None else None
         if ext is None:
             return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         norm = ext.global_norm(grads)
@@ -204,10 +209,15 @@ class Trainer:
                 torch._foreach_mul_(grads, coef)
         return norm
 
-    def _apply(self) -> None:
+    def _apply(self) -> bool:
+        """Step the optimizer; False when fp16's loss scaler skipped the step (inf/NaN gradients: the scale is
+        halved and the parameters and optimizer state stay as they were)."""
+        applied = True
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # update() halves the scale exactly when it skipped
         elif self._grad_scale is not None:  # the clipping factor, applied in the fused AdamW pass (`_clip`)
             self.optimizer.grad_scale = self._grad_scale
             try:
@@ -218,6 +228,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     # ------------------------------------------------------------------ fit
     def fit(self, resume: bool = True) -> dict:
@@ -245,17 +256,19 @@ class Trainer:
                 self._rollback(self.step, bad, loss)
                 t_log, tok_log, step_log = time.perf_counter(), 0, self.step
                 continue
-            self._apply()
+            applied = self._apply()
             self.detector.update(loss)
             ntok = sum(int(b["input_ids"].numel()) for b in batches) * self.world
             self.tokens_seen += ntok
             tok_log += ntok
             self.step += 1
             last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **metrics}
+            if self.scaler is not None:  # fp16: the scale after this step, and whether the update was skipped
+                last.update(loss_scale=self.scaler.get_scale(), skipped=not applied)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 now = time.perf_counter()
                 tps = tok_log / max(now - t_log, 1e-9)
-                rec = {**last, "tokens": self.tokens_seen, "tokens_per_s": tps, "mfu": self.mfu(tps),
+                rec = {**_floats(last), "tokens": self.tokens_seen, "tokens_per_s": tps, "mfu": self.mfu(tps),
                        "wall_time": now - t_start}
                 self.logger.log(rec)
                 bar.update(self.step - step_log, loss=loss, tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
@@ -268,7 +281,7 @@ class Trainer:
                 self.wall_offset = time.perf_counter() - t_start
                 self.save()
         bar.close()
-        final = {**last}
+        final = _floats(last)
         if self.val_data is not None:
             final["val_loss"] = self._eval_and_log(t_start)
         self.wall_offset = time.perf_counter() - t_start

@@ -105,10 +105,64 @@ def test_bf16_autocast_on_cpu_trains():
     assert torch.isfinite(torch.tensor(out["loss"])) and m.embed.weight.dtype == torch.float32  # fp32 master weights
 
 
-def test_fp16_refuses_cpu():
+def _fp16_run(out_dir=None, overflow_at=(), resume=False, **kw):
+    """A tiny fp16 run on CPU (autocast float16 + torch's GradScaler, as on CUDA). The embedding's gradient is
+    made inf in the backward of the steps listed in `overflow_at` (counted from 1, as in metrics.jsonl)."""
+    m = tiny_model()
     tr, _ = loaders(4, 16)
-    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        Trainer(tiny_model(), train_cfg(dtype="fp16", device="cpu"), tr)
+    cfg = train_cfg(seq_len=16, dtype="fp16", **{"max_steps": 6, **kw})
+    t = Trainer(m, cfg, tr, out_dir=out_dir)
+    m.embed.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if t.step + 1 in overflow_at else g)
+    recs = []
+    t.hooks.append(lambda _, rec: recs.append(rec))
+    t.fit(resume=resume)
+    return t, recs
+
+
+def test_fp16_on_cpu_follows_fp32():
+    # fp16 autocast with dynamic loss scaling (F5) runs on CPU too: losses track fp32, the scale stays put
+    _, r16 = _fp16_run()
+    m = tiny_model()
+    tr, _ = loaders(4, 16)
+    r32 = []
+    t = Trainer(m, train_cfg(seq_len=16, max_steps=6), tr)
+    t.hooks.append(lambda _, rec: r32.append(rec))
+    t.fit()
+    assert [r["loss"] for r in r16] == pytest.approx([r["loss"] for r in r32], rel=2e-3)
+    # clipping saw the unscaled gradients: the norm is fp32's, not 65536 times it
+    assert [r["grad_norm"] for r in r16] == pytest.approx([r["grad_norm"] for r in r32], rel=2e-2)
+    assert [r["loss_scale"] for r in r16] == [2.0 ** 16] * 6 and not any(r["skipped"] for r in r16)
+    assert r16[-1]["loss"] < r16[0]["loss"]
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
+    t, recs = _fp16_run(tmp_path, overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0,
+                        loss_scale_growth_interval=2, ckpt_every=2)
+    assert [r["loss_scale"] for r in recs] == [1024.0, 2048.0, 1024.0, 512.0, 512.0, 1024.0]
+    assert [r["skipped"] for r in recs] == [False, False, True, True, False, False]
+    assert all(torch.isfinite(p).all() for p in t.raw_model.parameters())
+    # metrics.jsonl stays strict JSON: the overflowed steps' inf grad norm is written as "inf"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[2])["grad_norm"] == "inf" and "Infinity" not in "".join(lines)
+    from llmkit.train.metrics import read_metrics
+    assert read_metrics(tmp_path)[2]["grad_norm"] == float("inf")
+    # a skipped step leaves the parameters and AdamW's state exactly as they were
+    a, _ = _fp16_run(overflow_at=(3,), max_steps=3, loss_scale_init=1024.0)
+    b, _ = _fp16_run(max_steps=2, loss_scale_init=1024.0)
+    for (n, p), q in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
+        assert torch.equal(p, q), n
+        sa, sb = a.optimizer.state[p], b.optimizer.state[q]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step")), n
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path):
+    # the scaler's scale and growth tracker travel in the checkpoint: a resumed run takes the same steps
+    kw = dict(overflow_at=(2,), max_steps=7, loss_scale_init=1024.0, loss_scale_growth_interval=3, ckpt_every=3)
+    _, full = _fp16_run(tmp_path / "a", **kw)
+    _fp16_run(tmp_path / "b", **{**kw, "max_steps": 3})  # stops at step 3 (its checkpoint; growth tracker 1)
+    _, rest = _fp16_run(tmp_path / "b", resume=True, **kw)
+    assert [(r["loss"], r["loss_scale"]) for r in rest] == [(r["loss"], r["loss_scale"]) for r in full[3:]]
+    assert [r["loss_scale"] for r in full] == [1024.0, 512.0, 512.0, 512.0, 1024.0, 1024.0, 1024.0]
 
 
 def test_grad_scaler_skips_inf_and_halves_scale():
@@ -122,12 +176,50 @@ def test_grad_scaler_skips_inf_and_halves_scale():
     assert torch.equal(w.detach(), torch.ones(4)) and scaler.get_scale() == 512.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp16_and_bf16_on_cuda():
-    for dtype in ("fp16", "bf16"):
-        tr, _ = loaders(4, 16)
-        out = Trainer(tiny_model(), train_cfg(seq_len=16, dtype=dtype, device="cuda", max_steps=3), tr).fit()
-        assert torch.isfinite(torch.tensor(out["loss"]))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _run(device="cpu", dtype="fp32", **kw):
+    m = tiny_model()
+    tr, _ = loaders(4, 16)
+    recs = []
+    t = Trainer(m, train_cfg(seq_len=16, dtype=dtype, device=device, **{"max_steps": 6, **kw}), tr)
+    t.hooks.append(lambda _, rec: recs.append(rec))
+    t.fit()
+    return t, [r["loss"] for r in recs]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_cuda_training_follows_cpu_fp32(dtype):
+    # fp32 runs TF32 matmuls on CUDA; six steps move the loss by far more than these tolerances
+    _, ref = _run()
+    t, got = _run("cuda", dtype)
+    assert all(p.device.type == "cuda" for p in t.raw_model.parameters())
+    assert got == pytest.approx(ref, rel=2e-2)
+    assert got[-1] < got[0]
+
+
+@needs_cuda
+def test_cuda_fp16_overflow_skip_and_resume(tmp_path):
+    t, recs = _fp16_run(overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0, loss_scale_growth_interval=2,
+                        device="cuda")
+    assert [r["loss_scale"] for r in recs] == [1024.0, 2048.0, 1024.0, 512.0, 512.0, 1024.0]
+    assert all(torch.isfinite(p).all() for p in t.raw_model.parameters())
+    kw = dict(overflow_at=(2,), max_steps=7, loss_scale_init=1024.0, loss_scale_growth_interval=3, ckpt_every=3,
+              device="cuda")
+    _, full = _fp16_run(tmp_path / "a", **kw)
+    _fp16_run(tmp_path / "b", **{**kw, "max_steps": 3})
+    _, rest = _fp16_run(tmp_path / "b", resume=True, **kw)
+    assert [r["loss_scale"] for r in rest] == [r["loss_scale"] for r in full[3:]]
+    assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[3:]], rel=1e-5)
+
+
+@needs_cuda
+def test_cuda_compiled_bf16_step_follows_eager():
+    _, eager = _run("cuda", "bf16")
+    _, compiled = _run("cuda", "bf16", compile=True)
+    assert compiled == pytest.approx(eager, rel=2e-2)
 
 
 def test_activation_checkpointing_same_gradients():
