@@ -99,6 +99,10 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: DistConfig) -> nn.Module:
 
     kw = {"mesh": dp_mesh, "reshard_after_forward": cfg.reshard_after_forward}
     if cfg.cpu_offload:
+        if dp_mesh is not None and dp_mesh.device_type == "cpu":  # torch would fail deep inside fully_shard
+            raise ValueError("FSDP2 cpu_offload moves shards from an accelerator to the CPU between uses; this mesh is "
+                             "on the CPU already, where training keeps everything in CPU memory anyway: drop "
+                             "LLMKIT_FSDP_CPU_OFFLOAD / cpu_offload")
         kw["offload_policy"] = CPUOffloadPolicy()
     if cfg.mixed_precision:
         dt = getattr(torch, cfg.mixed_precision)

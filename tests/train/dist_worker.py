@@ -19,7 +19,9 @@ from llmkit.train.distributed import (DistConfig, data_parallel_rank, full_state
 def main(strategy: str, out: str, ckpt: str | None = None) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
-    cfg = DistConfig(strategy=strategy, tp=2 if "tp" in strategy else 1)
+    # "fsdp-offload": FSDP2 with CPUOffloadPolicy (shards kept on the CPU between uses; accelerators only)
+    cfg = DistConfig(strategy=strategy.removesuffix("-offload"), tp=2 if "tp" in strategy else 1,
+                     cpu_offload=strategy.endswith("-offload"))
     torch.manual_seed(0)
     mcfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
     model = parallelize(Transformer(mcfg), info, cfg)

@@ -20,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(strategy: str, tmp: Path, nproc: int, ckpt: bool = False):
+def _run(strategy: str, tmp: Path, nproc: int, ckpt: bool = False, expect_fail: bool = False):
     out = tmp / strategy.replace("+", "_")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
@@ -30,6 +30,9 @@ def _run(strategy: str, tmp: Path, nproc: int, ckpt: bool = False):
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), strategy, str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if expect_fail:
+        assert res.returncode != 0
+        return res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(Path(str(out) + ".json").read_text()), load_file(str(out) + ".safetensors")
 
@@ -48,6 +51,12 @@ def test_two_processes_equal_one(strategy, single, tmp_path):
     assert set(params) == set(ref_params)
     for k in ref_params:
         assert torch.allclose(params[k], ref_params[k], atol=2e-5), k
+
+
+def test_fsdp2_cpu_offload_on_a_cpu_mesh_is_a_clear_error(tmp_path):
+    # CPUOffloadPolicy needs an accelerator to offload from; torch's own error comes from deep inside fully_shard
+    err = _run("fsdp-offload", tmp_path, 2, expect_fail=True)
+    assert "cpu_offload moves shards from an accelerator" in err
 
 
 @pytest.mark.slow
