@@ -103,6 +103,7 @@ class Transformer(nn.Module):
             self.encoder = nn.ModuleList(Block(enc_cfg, i) for i in range(cfg.n_encoder_layers))
             self.enc_norm = make_norm(cfg) if cfg.has_final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.final_stage = True  # False on a pipeline stage that hands its hidden states on (llmkit.train.pipeline)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -122,11 +123,11 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return next(self.parameters()).dtype
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device)
@@ -185,7 +186,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
     ) -> torch.Tensor:
         cfg = self.cfg
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]  # (a later pipeline stage gets the previous stage's hidden states [B, T, d])
         dev = input_ids.device
         start = cache.length if cache is not None else 0
         slots = torch.arange(start, start + T, device=dev)
@@ -194,7 +195,10 @@ class Transformer(nn.Module):
             positions = slots.expand(B, T)
         if isinstance(prefix_len, int):
             prefix_len = torch.full((B,), prefix_len, device=dev)
-        x = self._embed(input_ids, positions, getattr(self, "pos_embed", None))
+        if self.embed is not None:
+            x = self._embed(input_ids, positions, getattr(self, "pos_embed", None))
+        else:
+            x = input_ids
 
         bias = None
         if cfg.pos == "alibi":
@@ -230,13 +234,15 @@ class Transformer(nn.Module):
                 cross_mask = encoder_attn_mask[:, None, None, :].bool()
 
         delta = None
-        for i, blk in enumerate(self.layers):
-            kind = cfg.layer_type(i)
+        for blk in self.layers:
+            kind = cfg.layer_type(blk.layer)
             ctx = dict(rope=rope[kind], mask=masks[kind], bias=bias, cache=cache, is_causal=causal_flags[kind],
                        memory=memory, cross_mask=cross_mask)
             x, delta = self._block(blk, x, ctx, delta)
         if cache is not None:
             cache.length = start + T
+        if not self.final_stage:
+            return self._finish(x, delta, None)
         x = self._finish(x, delta, self.norm)
         if return_hidden:
             return x

@@ -9,8 +9,9 @@ Implements, applied to a plain `Transformer` from outside (torchtitan style, nev
   composable with FSDP2 on the "dp" mesh dimension;
 - distributed checkpoints with `torch.distributed.checkpoint` (each rank writes its shards; loads reshard).
 
-Not covered: pipeline parallelism and sequence/context parallelism (the survey's third dimension of 3D
-parallelism); MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
+Pipeline parallelism, the third dimension of 3D parallelism, is `llmkit.train.pipeline` (one stage per process,
+driven from Python; it is not composed with the "dp"/"tp" mesh here). Not covered: sequence/context
+parallelism; MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
 """
 from __future__ import annotations
 

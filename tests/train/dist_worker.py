@@ -51,8 +51,19 @@ def main(strategy: str, out: str, ckpt: str | None = None) -> None:
         load_distributed(ckpt, model, opt)
         after = full_state_dict(model)
         assert all(torch.equal(before[k], after[k]) for k in before), "distributed checkpoint did not round-trip"
+    # ZeRO's point (F4): the bytes of optimizer state each rank holds (local shards of DTensors)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    state_bytes = sum(local(v).numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+                      if k != "step")
+    per_rank = [None] * info.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(per_rank, state_bytes)
+    else:
+        per_rank = [state_bytes]
     sd = full_state_dict(model)
     if info.rank == 0:
+        with open(out + ".state_bytes.json", "w") as f:
+            json.dump(per_rank, f)
         save_file({k: v.contiguous() for k, v in sd.items()}, out + ".safetensors")
         with open(out + ".json", "w") as f:
             json.dump(losses, f)

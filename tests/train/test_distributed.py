@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 REPO = Path(__file__).resolve().parents[2]
+STATE_BYTES: dict = {}  # (strategy, processes) -> the AdamW state bytes each rank held
 
 
 def _free_port() -> int:
@@ -34,7 +35,9 @@ def _run(strategy: str, tmp: Path, nproc: int, ckpt: bool = False, expect_fail: 
         assert res.returncode != 0
         return res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
+    STATE_BYTES[(strategy, nproc)] = json.loads(Path(str(out) + ".state_bytes.json").read_text())
     return json.loads(Path(str(out) + ".json").read_text()), load_file(str(out) + ".safetensors")
+
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,14 @@ def test_two_processes_equal_one(strategy, single, tmp_path):
     assert set(params) == set(ref_params)
     for k in ref_params:
         assert torch.allclose(params[k], ref_params[k], atol=2e-5), k
+    # optimizer state per rank: DDP replicates it; FSDP2 (ZeRO-3) and TP hold about 1/2 each
+    (full,), per_rank = STATE_BYTES[("none", 1)], STATE_BYTES[(strategy, 2)]
+    if strategy == "ddp":
+        assert per_rank == [full, full]
+    elif strategy == "fsdp":  # every tensor sharded (dim-0 padding aside)
+        assert sum(per_rank) >= full and all(b <= 0.51 * full for b in per_rank), (per_rank, full)
+    else:  # TP shards the block matrices; embeddings, head and norms stay whole on each rank
+        assert sum(per_rank) > full and all(b < 0.6 * full for b in per_rank), (per_rank, full)
 
 
 def test_fsdp2_cpu_offload_on_a_cpu_mesh_is_a_clear_error(tmp_path):
