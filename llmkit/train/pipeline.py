@@ -36,7 +36,8 @@ SCHEDULES = ("gpipe", "1f1b")
 def split_layers(n_layers: int, n_stages: int) -> list[range]:
     """Contiguous layer ranges, sizes differing by at most one (earlier stages take the remainder)."""
     if n_stages < 1 or n_layers < n_stages:
-        raise ValueError(f"{n_layers} layers cannot be split into {n_stages} pipeline stages (need 1 <= stages <= layers)")
+        raise ValueError(f"{n_layers} layers cannot be split into {n_stages} pipeline stages "
+                         f"(need 1 <= stages <= layers)")
     base, extra = divmod(n_layers, n_stages)
     out, start = [], 0
     for s in range(n_stages):
