@@ -14,7 +14,8 @@
     against the measured matmul peak of this machine (llmkit.train.metrics.measured_peak_flops).
 (c) GPU MFU (run it where a CUDA GPU is present; not part of the default run): GPT-2-124M (the `gpt2` preset, the
     model of llmkit/recipes/gpt2-124m.yaml) trained by `Trainer` on random tokens in bf16 autocast with
-    torch.compile, micro-batches of 16 and 64 sequences x 1024 tokens (one run each), vocabulary padded to 50304
+    torch.compile, micro-batches of 32 (the recipe's) and 64 sequences x 1024 tokens (one run each; torch.compile's
+    caches are reset in between so each size gets static shapes), vocabulary padded to 50304
     like nanoGPT's and llm.c's runs. MFU is reported against the GPU's nominal dense bf16 peak (989 TFLOP/s for
     H100/H200 SXM) and against a measured 8192^3 bf16 matmul. Target: >= 45% on an H100/H200-class GPU.
     `bench/gpu_check.sh` runs it after the CUDA tests. `--gpu-device cpu --gpu-layers 2 --gpu-seq 64 --gpu-batch 2
@@ -347,6 +348,7 @@ def gpu(args) -> list[dict]:
           + (f", nominal {nominal / 1e12:.0f}" if nominal else ""), flush=True)
     results = []
     for B in (int(b) for b in str(args.gpu_batch).split(",")):
+        torch._dynamo.reset()  # a fresh compile per size: static shapes, not a dynamic-batch recompile
         torch.manual_seed(0)
         cfg = TrainConfig(max_steps=10**6, micro_batch_size=B, seq_len=T, lr=6e-4, betas=(0.9, 0.95),
                           weight_decay=0.1, dtype="bf16", compile=not args.no_compile, device=dev, progress=False,
@@ -403,7 +405,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="(b): interleaved rounds per engine (best is kept)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="(b): comma-separated, of fp32 and bf16")
     ap.add_argument("--gpu-device", default="cuda", help="(c): the device (cpu for a smoke run)")
-    ap.add_argument("--gpu-batch", default="16,64", help="(c): sequences per step, comma-separated (one run each)")
+    ap.add_argument("--gpu-batch", default="32,64", help="(c): sequences per step, comma-separated (one run each)")
     ap.add_argument("--gpu-seq", type=int, default=1024, help="(c): tokens per sequence")
     ap.add_argument("--gpu-vocab", type=int, default=50304,
                     help="(c): 50257 padded to a multiple of 64, as nanoGPT and llm.c do for GPT-2 on GPUs")
