@@ -114,7 +114,10 @@ class CausalAttention(torch.autograd.Function):
         qg, kg, vg = q.reshape(B * KV, rep * T, D), k.reshape(B * KV, T, D), v.reshape(B * KV, T, D)
         # the mask is added by the matmul itself (beta=1 on the bias, alpha=scale on Q K^T): one pass less
         p = torch.baddbmm(_causal_bias(T, rep, q.dtype), qg, kg.transpose(1, 2), alpha=scale).softmax(-1)
-        ctx.save_for_backward(qg, kg, vg, p)
+        # torch.compile refuses to save a reshape that may alias the inputs: there the inputs are saved and
+        # regrouped again in the backward
+        ctx.regroup = torch.compiler.is_compiling()
+        ctx.save_for_backward(*((q, k, v) if ctx.regroup else (qg, kg, vg)), p)
         ctx.scale, ctx.shapes = scale, (q.shape, k.shape)
         return torch.bmm(p, vg).view(B, H, T, D)
 
@@ -122,6 +125,9 @@ class CausalAttention(torch.autograd.Function):
     def backward(ctx, do):
         qg, kg, vg, p = ctx.saved_tensors
         qshape, kshape = ctx.shapes
+        if ctx.regroup:
+            B, KV, T, D = kshape
+            qg, kg, vg = qg.reshape(B * KV, -1, D), kg.reshape(B * KV, T, D), vg.reshape(B * KV, T, D)
         dog = do.reshape(qg.shape)
         dv = torch.bmm(p.transpose(1, 2), dog)
         ds = torch._softmax_backward_data(torch.bmm(dog, vg.transpose(1, 2)), p, -1, p.dtype)

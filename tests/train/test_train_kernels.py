@@ -134,6 +134,20 @@ def test_native_attention_under_torch_compile():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.slow
+def test_bf16_attention_under_torch_compile():
+    """The bf16 CPU attention (an autograd.Function) under torch.compile: same values and gradients as eager, GQA
+    included (compile refuses to save the grouped reshapes, so the Function saves its inputs there)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 24, 16, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+    up = torch.randn(2, 4, 24, 16, generator=g).to(torch.bfloat16)
+    f = lambda a, b, c: (CausalAttention.apply(a, b, c, 0.25) * up).float().sum()
+    a = torch.autograd.grad(torch.compile(f)(q, k, v), (q, k, v))
+    b = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
 def test_rmsnorm_grad_equals_autograd():
     g = torch.Generator().manual_seed(0)
     for offset in (0.0, 1.0):  # Llama and Gemma's (1 + w)
