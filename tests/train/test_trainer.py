@@ -215,6 +215,15 @@ def test_cuda_fp16_overflow_skip_and_resume(tmp_path):
     assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[3:]], rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_training_follows_eager_on_cpu(dtype):
+    # TrainConfig.compile on the CPU paths (native float32 kernels as custom ops, the bf16 attention Function)
+    _, eager = _run(dtype=dtype)
+    _, compiled = _run(dtype=dtype, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-5 if dtype == "fp32" else 2e-2)
+
+
 @needs_cuda
 def test_cuda_compiled_bf16_step_follows_eager():
     _, eager = _run("cuda", "bf16")
