@@ -10,7 +10,7 @@ Implements, applied to a plain `Transformer` from outside (torchtitan style, nev
 - distributed checkpoints with `torch.distributed.checkpoint` (each rank writes its shards; loads reshard).
 
 Pipeline parallelism, the third dimension of 3D parallelism, is `llmkit.train.pipeline` (one stage per process,
-driven from Python; it is not composed with the "dp"/"tp" mesh here). Not covered: sequence/context
+LLMKIT_DIST=pp; it is not composed with the "dp"/"tp" mesh here). Not covered: sequence/context
 parallelism; MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
 """
 from __future__ import annotations
@@ -224,10 +224,23 @@ class TorchDist:
         return t / self.world_size
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
-        # FSDP2/TP parameters are DTensors: clip_grad_norm_ reduces the norm across shards itself.
+        # FSDP2 (and FSDP2 + TP) parameters are all DTensors: clip_grad_norm_ reduces the norm across shards
+        # itself. TP alone shards the block matrices but leaves embeddings, norms and head as plain tensors
+        # (the same on every rank), and torch's foreach norm refuses such a mixed list: there each kind's norm is
+        # taken apart and the two are combined.
         live = [p for p in (self.model.parameters() if self.model is not None else params) if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        sharded = [p.grad for p in live if hasattr(p.grad, "full_tensor")]
+        if len(sharded) in (0, len(live)):
+            norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        plain = [p.grad for p in live if not hasattr(p.grad, "full_tensor")]
+        parts = [torch.nn.utils.get_total_norm(sharded).full_tensor(), torch.nn.utils.get_total_norm(plain)]
+        norm = torch.stack([n.double() for n in parts]).pow(2).sum().sqrt().float()
+        coef = max_norm / (float(norm) + 1e-6)  # torch's formula
+        if coef < 1.0:
+            for g in sharded + plain:
+                g.mul_(coef)
+        return norm
 
     def model_state_dict(self, model: nn.Module) -> dict:
         return full_state_dict(model)
@@ -272,11 +285,15 @@ class TorchDist:
 
 def setup_from_env(recipe=None) -> TorchDist:
     """The `dist` of `llmkit pretrain` under torchrun. Strategy and TP degree come from the environment
-    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp, default ddp; LLMKIT_TP=N; LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe
+    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp|pp, default ddp; LLMKIT_TP=N; LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe
     runs unchanged on one process or many."""
     strategy = os.environ.get("LLMKIT_DIST", "ddp")
+    if strategy == "pp":  # one pipeline stage per process (llmkit.train.pipeline), LLMKIT_PP_SCHEDULE=1f1b|gpipe
+        from .pipeline import PipelineDist
+
+        return PipelineDist(schedule=os.environ.get("LLMKIT_PP_SCHEDULE", "1f1b"))
     if strategy not in STRATEGIES or strategy == "none":
-        raise SystemExit(f"LLMKIT_DIST={strategy!r}: choose one of ddp, fsdp, tp, fsdp+tp")
+        raise SystemExit(f"LLMKIT_DIST={strategy!r}: choose one of ddp, fsdp, tp, fsdp+tp, pp")
     cfg = DistConfig(strategy=strategy, tp=int(os.environ.get("LLMKIT_TP", "2" if "tp" in strategy else "1")),
                      cpu_offload=os.environ.get("LLMKIT_FSDP_CPU_OFFLOAD", "0") == "1")
     return TorchDist(cfg)

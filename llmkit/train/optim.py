@@ -194,6 +194,20 @@ def muon_groups(named, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def split_sharded(groups: list[dict]) -> list[dict]:
+    """torch's fused and foreach kernels take one kind of tensor per group. Tensor parallelism alone leaves the
+    embeddings, norms and head as plain tensors beside the DTensor shards, so such a group is split in two
+    (same hyperparameters); groups of one kind stay as they are."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for g in groups:
+        sharded = [p for p in g["params"] if isinstance(p, DTensor)]
+        plain = [p for p in g["params"] if not isinstance(p, DTensor)]
+        out += [{**g, "params": ps} for ps in (sharded, plain) if ps] if sharded and plain else [g]
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.optim.Optimizer:
     """The optimiser named by `cfg.optimizer`; every group records its `base_lr` for the schedule."""
     named = named_trainable(model, params)
@@ -202,7 +216,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.op
     if cfg.optimizer == "muon":
         return Muon(muon_groups(named, cfg), lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=cfg.betas,
                     eps=cfg.eps, weight_decay=cfg.weight_decay)
-    groups = param_groups(named, cfg.weight_decay, cfg.no_decay_embeddings)
+    groups = split_sharded(param_groups(named, cfg.weight_decay, cfg.no_decay_embeddings))
     for g in groups:
         g["base_lr"] = cfg.lr
     if cfg.optimizer == "adafactor":

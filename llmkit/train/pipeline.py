@@ -12,19 +12,25 @@ Implements:
   micro-batches of activations are alive per stage) schedule;
 - `bubble_fraction(p, m)`: the idle share (p - 1) / (m + p - 1) of a p-stage pipeline fed m micro-batches
   (GPipe, Huang et al. 2019; the same for 1F1B, which saves memory, not bubble);
-- `lm_loss(logits, labels)`: the causal-LM loss of the last stage.
+- `lm_loss(logits, labels, z_loss)`: the causal-LM loss of the last stage;
+- `PipelineDist`: the `dist` that `Trainer` takes, so `torchrun ... -m llmkit pretrain` with LLMKIT_DIST=pp
+  (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains one stage per process, with global-norm clipping across stages,
+  evaluation, and checkpoints that hold the whole model and resume.
 
 The schedules average the per-micro-batch losses (`scale_grads`), so a pipelined step equals one step on
 the whole batch when every micro-batch has the same number of target tokens (packed pre-training batches
 do; `Trainer` instead weights micro-batches by their token counts). Tied input/output embeddings (the
 first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
-would have to travel between stages) are refused. Pipelines run from Python under `torchrun` (one process
-per stage, tested on 2 gloo processes against one process); `Trainer` and `llmkit pretrain` run the data and
-tensor parallel layouts of `llmkit.train.distributed`.
+would have to travel between stages) are refused. One process per stage: the pipeline is not composed with
+data or tensor parallelism on one mesh here. Tested on 2 and 3 gloo processes against one process, directly
+and through `Trainer` and the CLI (resume included).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -80,9 +86,15 @@ def make_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     return model
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (labels already shifted; -100 ignored)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch (labels already shifted; -100 ignored), plus PaLM's
+    z-loss z * mean(log Z^2) over the target positions when z_loss > 0 (as `objectives.cross_entropy`)."""
+    flat, y = logits.float().flatten(0, 1), labels.flatten()
+    loss = F.cross_entropy(flat, y, ignore_index=IGNORE)
+    if z_loss:
+        valid = y != IGNORE
+        loss = loss + z_loss * (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum() / valid.sum().clamp(min=1)
+    return loss
 
 
 def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device: torch.device | str,
@@ -99,3 +111,144 @@ def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device:
     st = PipelineStage(stage_model, stage, n_stages, torch.device(device), group=group)
     cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     return cls(st, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
+class PipelineDist:
+    """The `dist` that `Trainer` takes for a pipeline: one stage per process under `torchrun`.
+
+    Every rank reads the same batches (there is no data-parallel dimension: `dp_world` is 1). A step's
+    micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
+    pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
+    number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage, averaged over the
+    micro-batches and broadcast to every rank. Clipping takes the global norm over all stages. Checkpoints
+    hold the whole model under its usual parameter names (rank 0 writes them; `llmkit.load` reads them like
+    any other) and the optimizer state keyed by those names, so a run resumes on the same number of stages.
+    Refused with it: a custom loss function, fp16 (the schedule calls backward itself, out of the loss
+    scaler's reach) and torch.compile of the whole model.
+    """
+
+    def __init__(self, schedule: str = "1f1b", info=None):
+        from .distributed import init_distributed
+
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        self.info = info or init_distributed()
+        self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
+        self.dp_rank, self.dp_world = 0, 1
+        self.schedule = schedule
+        self.model: nn.Module | None = None
+        self._schedules: dict = {}
+        self._global: dict[int, str] = {}  # id(parameter) -> its name in the whole model
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.model = make_stage(model.to(self.device), self.rank, self.world_size)
+        self._global = {id(p): names[id(p)] for p in self.model.parameters()}
+        return self.model
+
+    # ------------------------------------------------------------------ steps
+    def pipeline_step(self, model: nn.Module, batches: list[dict], z_loss: float = 0.0) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches through the pipeline; the mean loss."""
+        m = len(batches)
+        if (m, z_loss) not in self._schedules:
+            self._schedules[(m, z_loss)] = pipeline_schedule(model, self.rank, self.world_size, self.device, m,
+                                                             partial(lm_loss, z_loss=z_loss), self.schedule)
+        sched = self._schedules[(m, z_loss)]
+        losses: list = []
+        if self.first:
+            sched.step(torch.cat([b["input_ids"] for b in batches]))
+        elif self.last:
+            sched.step(target=torch.cat([b["labels"] for b in batches]), losses=losses)
+        else:
+            sched.step()
+        return self._from_last(torch.stack(losses).mean().detach() if self.last else None)
+
+    @torch.no_grad()
+    def pipeline_eval(self, model: nn.Module, batch: dict, z_loss: float = 0.0) -> torch.Tensor:
+        """The loss of one batch, forward only: each stage receives, runs and sends on its hidden states."""
+        ids = batch["input_ids"]
+        x = ids
+        if not self.first:
+            x = torch.empty(*ids.shape, model.cfg.d_model, dtype=model.dtype, device=self.device)
+            dist.recv(x, src=self.rank - 1)
+        out = model(x)
+        if not self.last:
+            dist.send(out.contiguous(), dst=self.rank + 1)
+        return self._from_last(lm_loss(out, batch["labels"], z_loss) if self.last else None)
+
+    def _from_last(self, loss: torch.Tensor | None) -> torch.Tensor:
+        t = loss.float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
+        dist.broadcast(t, src=self.world_size - 1)
+        return t
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """Global-norm clipping across the stages (each holds a disjoint part of the parameters)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        sq = (torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() if grads
+              else torch.zeros((), dtype=torch.float64, device=self.device))
+        dist.all_reduce(sq)
+        norm = sq.sqrt().float()
+        coef = max_norm / (float(norm) + 1e-6)
+        if coef < 1.0 and grads:
+            torch._foreach_mul_(grads, coef)
+        return norm
+
+    # ------------------------------------------------------------------ checkpoints (whole-model names)
+    def _gather(self, obj):
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def model_state_dict(self, model: nn.Module) -> dict:
+        mine = {self._global[id(p)]: p.detach().cpu() for p in model.parameters()}
+        return {k: v for part in self._gather(mine) for k, v in part.items()}
+
+    def load_model_state_dict(self, model: nn.Module, sd: dict) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(sd[self._global[id(p)]])
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """AdamW & co. state of every stage, keyed by whole-model parameter names (collective)."""
+        sd = optimizer.state_dict()
+        order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for i, st in sd["state"].items()}
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+        merged_state, merged_groups = {}, None
+        for st, gs in self._gather((state, groups)):
+            merged_state.update(st)
+            if merged_groups is None:
+                merged_groups = [dict(g) for g in gs]
+                continue
+            if len(gs) != len(merged_groups):
+                raise ValueError("pipeline stages built different optimizer parameter groups")
+            for mg, g in zip(merged_groups, gs):
+                mg["params"] = mg["params"] + g["params"]
+        return {"state": merged_state, "param_groups": merged_groups}
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+        order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        index = {n: i for i, n in enumerate(order)}
+        missing = [n for n in order if n not in sd["state"]]
+        if any(not isinstance(k, str) for k in sd["state"]) or (missing and sd["state"]):
+            raise ValueError("this checkpoint's optimizer state was not written by a pipeline run with the same "
+                             f"parameters (missing: {missing[:3]}); resume it with the layout that wrote it")
+        groups, start = [], 0
+        for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
+            n = len(g["params"])
+            groups.append({**saved, "params": list(range(start, start + n))})
+            start += n
+        state = {index[k]: v for k, v in sd["state"].items() if k in index}
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def barrier(self) -> None:
+        dist.barrier()

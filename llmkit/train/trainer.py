@@ -89,6 +89,7 @@ class Trainer:
         self.cfg, self.dist, self.tokenizer, self.hooks = cfg, dist, tokenizer, list(hooks or [])
         self.device = getattr(dist, "device", None) or pick_device(cfg.device)
         self.rank, self.world = getattr(dist, "rank", 0), getattr(dist, "world_size", 1)
+        self.dp_world = getattr(dist, "dp_world", self.world)  # ranks with their own data (TP peers share theirs)
         self.is_main = self.rank == 0
         self.raw_model = model.to(self.device)
         if self.device.type == "cuda":  # TF32 tensor cores for fp32 matmuls (nanoGPT / torchtitan default)
@@ -96,6 +97,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.model_config = model_config if model_config is not None else getattr(model, "cfg", None)
         self.recipe = recipe
+        self.pipelined = hasattr(dist, "pipeline_step")  # llmkit.train.pipeline.PipelineDist: one stage per rank
+        if self.pipelined and (loss_fn is not None or cfg.dtype == "fp16" or cfg.compile):
+            raise ValueError("pipeline parallelism trains its last stage's causal-LM loss (no custom loss_fn), "
+                             "without fp16 loss scaling (the schedule runs backward itself) and without "
+                             "train.compile")
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.raw_model)
         self.model = dist.wrap(self.raw_model) if dist is not None and hasattr(dist, "wrap") else self.raw_model
@@ -164,6 +170,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> tuple[float, dict]:
         """Forward/backward over the micro-batches; returns (loss, metrics) without stepping the optimiser."""
+        if self.pipelined:
+            with self._autocast():
+                return float(self.dist.pipeline_step(self.model, batches, self.cfg.z_loss)), {}
         weights = self._weights(batches)
         total = torch.zeros((), device=self.device)
         agg: dict[str, float] = {}
@@ -258,7 +267,7 @@ class Trainer:
                 continue
             applied = self._apply()
             self.detector.update(loss)
-            ntok = sum(int(b["input_ids"].numel()) for b in batches) * self.world
+            ntok = sum(int(b["input_ids"].numel()) for b in batches) * self.dp_world
             self.tokens_seen += ntok
             tok_log += ntok
             self.step += 1
@@ -333,7 +342,10 @@ class Trainer:
             except StopIteration:
                 break
             with self._autocast():
-                loss, _ = self.loss_fn(self.model, b)
+                if self.pipelined:
+                    loss = self.dist.pipeline_eval(self.model, b, self.cfg.z_loss)
+                else:
+                    loss, _ = self.loss_fn(self.model, b)
             losses.append(float(loss))
         self.model.train()
         torch.set_rng_state(rng)
@@ -344,7 +356,7 @@ class Trainer:
     def _eval_and_log(self, t_start: float) -> float:
         val = self.evaluate()
         rec = {"step": self.step, "val_loss": val, "wall_time": time.perf_counter() - t_start}
-        if self.cfg.sample_every and self.tokenizer is not None and self.is_main:
+        if self.cfg.sample_every and self.tokenizer is not None and self.is_main and not self.pipelined:
             from .data import sample_text
 
             rec["sample"] = sample_text(self.raw_model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,

@@ -9,27 +9,35 @@ from llmkit.data.shards import BatchLoader, TokenDataset
 from llmkit.model import ModelConfig, Transformer
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import DistConfig, TorchDist, full_state_dict
+from llmkit.train.pipeline import PipelineDist
 from llmkit.train.trainer import Trainer
 
 
 def main(strategy: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist = TorchDist(DistConfig(strategy=strategy)) if strategy != "none" else None
+    if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
+        dist = PipelineDist()
+    else:
+        dist = TorchDist(DistConfig(strategy=strategy)) if strategy != "none" else None
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64))
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))
     ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
     ds = TokenDataset(arrays=[ids], doc_starts=np.array([0], np.int64), eos_id=0)
     # global batch 8 sequences: one process takes 8 per step, each of two ranks 4 (disjoint slices)
-    loader = BatchLoader(ds, 8 // world, 16, seed=0, rank=rank, world_size=world)
-    cfg = TrainConfig(max_steps=4, micro_batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
+    loader = BatchLoader(ds, 4 if strategy == "pp" else 8 // world, 16, seed=0, rank=rank, world_size=world)
+    # a pipeline step needs a micro-batch per stage at least: 2 of 4 sequences (accumulation == one batch of 8)
+    micro = 4 if strategy == "pp" else 8 // world
+    cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0)
-    losses = []
-    trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist, hooks=[lambda tr, rec: losses.append(rec["loss"])])
+    losses, tokens = [], []
+    trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist,
+                      hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])
     trainer.fit(resume=False)
-    sd = full_state_dict(trainer.model)
+    sd = dist.model_state_dict(trainer.model) if strategy == "pp" else full_state_dict(trainer.model)
     if (dist is None or dist.rank == 0):
-        json.dump({"losses": losses, "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
+        json.dump({"losses": losses, "tokens": tokens, "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}},
+                  open(out, "w"))
     if dist is not None:
         dist.barrier()
 

@@ -80,9 +80,10 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
-    """The one Trainer with TorchDist: same global batch -> same losses and parameters as one process."""
+    """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
+    process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
@@ -96,6 +97,7 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert len(a["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], abs=2e-5)
+    assert b["tokens"] == a["tokens"] == [8 * 16 * (i + 1) for i in range(4)]
     for k in a["params"]:
         assert b["params"][k] == pytest.approx(a["params"][k], abs=2e-5), k
 
@@ -114,11 +116,11 @@ def _step_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pp"])
 def test_pretrain_cli_under_torchrun(strategy, tmp_path):
-    """`torchrun -m llmkit pretrain` (DDP, FSDP2) trains on disjoint rank slices and writes one llmkit run
-    directory; FSDP2's sharded optimizer state is gathered into the checkpoint, and a resume from it
-    continues with the same losses as the uninterrupted run."""
+    """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; a 2-stage pipeline on the same batches)
+    writes one llmkit run directory; FSDP2's sharded and the pipeline's per-stage optimizer state are gathered
+    into the checkpoint, and a resume from it continues with the same losses as the uninterrupted run."""
     import shutil
 
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question. " * 300)
@@ -128,11 +130,12 @@ def test_pretrain_cli_under_torchrun(strategy, tmp_path):
         f"data: {{kind: text, path: {tmp_path / 'corpus.txt'}, val_fraction: 0.1, tokenizer: char}}\n"
         "train: {max_steps: 6, micro_batch_size: 4, seq_len: 32, lr: 0.003, warmup_steps: 1, progress: false,"
         " tensorboard: false, log_every: 1, device: cpu, eval_batches: 2, ckpt_every: 3}\n")
-    _torchrun_pretrain(recipe, tmp_path / "run", strategy)
+    extra = ["train.batch_size=8"] if strategy == "pp" else []  # two micro-batches of 4: one per stage
+    _torchrun_pretrain(recipe, tmp_path / "run", strategy, *extra)
     full = _step_losses(tmp_path / "run")
     losses = list(full.values())
     assert len(losses) >= 6 and losses[-1] < losses[0]
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "pp"):
         from safetensors.torch import load_file as load_st
 
         from llmkit.train.checkpoint import list_checkpoints
@@ -141,7 +144,7 @@ def test_pretrain_cli_under_torchrun(strategy, tmp_path):
         opt = load_st(str(ckpts[0] / "optimizer.safetensors"))
         assert any(k.endswith("exp_avg_sq") for k in opt) and all(v.dim() == 0 or v.shape[0] > 0 for v in opt.values())
         shutil.rmtree(ckpts[-1])  # drop step 6: resume from step 3's gathered model + optimizer state
-        _torchrun_pretrain(recipe, tmp_path / "run", strategy, "--resume")
+        _torchrun_pretrain(recipe, tmp_path / "run", strategy, *extra, "--resume")
         resumed = _step_losses(tmp_path / "run")
         assert max(resumed) == 6
         for step in range(4, 7):
