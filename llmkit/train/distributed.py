@@ -224,22 +224,26 @@ class TorchDist:
         return t / self.world_size
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
-        # FSDP2 (and FSDP2 + TP) parameters are all DTensors: clip_grad_norm_ reduces the norm across shards
-        # itself. TP alone shards the block matrices but leaves embeddings, norms and head as plain tensors
-        # (the same on every rank), and torch's foreach norm refuses such a mixed list: there each kind's norm is
-        # taken apart and the two are combined.
+        """Global-norm clipping over DTensor shards (the norm reduced across ranks) and plain tensors.
+
+        torch's clip_grad_norm_ takes one kind of gradient on one mesh. Tensor parallelism leaves embeddings,
+        norms and head as plain tensors (the same on every rank), and FSDP2 + TP puts the TP'd matrices on the
+        2-D (dp, tp) mesh and the rest on the dp mesh: there each group's norm is taken apart and combined."""
         live = [p for p in (self.model.parameters() if self.model is not None else params) if p.grad is not None]
-        sharded = [p.grad for p in live if hasattr(p.grad, "full_tensor")]
-        if len(sharded) in (0, len(live)):
+        groups: dict = {}
+        for p in live:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+        if len(groups) == 1:
             norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        plain = [p.grad for p in live if not hasattr(p.grad, "full_tensor")]
-        parts = [torch.nn.utils.get_total_norm(sharded).full_tensor(), torch.nn.utils.get_total_norm(plain)]
+        parts = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
+        parts = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in parts]
         norm = torch.stack([n.double() for n in parts]).pow(2).sum().sqrt().float()
         coef = max_norm / (float(norm) + 1e-6)  # torch's formula
         if coef < 1.0:
-            for g in sharded + plain:
-                g.mul_(coef)
+            for gs in groups.values():
+                for g in gs:
+                    g.mul_(coef)
         return norm
 
     def model_state_dict(self, model: nn.Module) -> dict:

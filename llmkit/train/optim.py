@@ -195,16 +195,16 @@ def muon_groups(named, cfg: TrainConfig) -> list[dict]:
 
 
 def split_sharded(groups: list[dict]) -> list[dict]:
-    """torch's fused and foreach kernels take one kind of tensor per group. Tensor parallelism alone leaves the
-    embeddings, norms and head as plain tensors beside the DTensor shards, so such a group is split in two
-    (same hyperparameters); groups of one kind stay as they are."""
-    from torch.distributed.tensor import DTensor
-
+    """torch's fused and foreach kernels take one kind of tensor on one mesh per group. Tensor parallelism alone
+    leaves the embeddings, norms and head as plain tensors beside the DTensor shards, and FSDP2 + TP puts the
+    TP'd matrices on the 2-D (dp, tp) mesh and the rest on the dp mesh, so such a group is split by mesh (same
+    hyperparameters); groups of one kind stay as they are."""
     out = []
     for g in groups:
-        sharded = [p for p in g["params"] if isinstance(p, DTensor)]
-        plain = [p for p in g["params"] if not isinstance(p, DTensor)]
-        out += [{**g, "params": ps} for ps in (sharded, plain) if ps] if sharded and plain else [g]
+        by_mesh: dict = {}
+        for p in g["params"]:
+            by_mesh.setdefault(getattr(p, "device_mesh", None), []).append(p)
+        out += [g] if len(by_mesh) == 1 else [{**g, "params": ps} for ps in by_mesh.values()]
     return out
 
 

@@ -18,7 +18,8 @@ def main(strategy: str, out: str) -> None:
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
     else:
-        dist = TorchDist(DistConfig(strategy=strategy)) if strategy != "none" else None
+        dist = TorchDist(DistConfig(strategy=strategy, tp=2 if strategy == "fsdp+tp" else 1)) if strategy != "none" \
+            else None
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))

@@ -80,7 +80,7 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
@@ -90,8 +90,9 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     res = subprocess.run([sys.executable, str(worker), "none", str(single)], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
+    nproc = 4 if strategy == "fsdp+tp" else 2  # fsdp+tp: a 2 x 2 (dp, tp) mesh
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
                          env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
@@ -116,10 +117,10 @@ def _step_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
 def test_pretrain_cli_under_torchrun(strategy, tmp_path):
-    """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; a 2-stage pipeline on the same batches)
-    writes one llmkit run directory; FSDP2's sharded and the pipeline's per-stage optimizer state are gathered
+    """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; TP and a 2-stage pipeline on the same
+    batches) writes one llmkit run directory; sharded (FSDP2, TP) and per-stage optimizer state is gathered
     into the checkpoint, and a resume from it continues with the same losses as the uninterrupted run."""
     import shutil
 
@@ -135,7 +136,7 @@ def test_pretrain_cli_under_torchrun(strategy, tmp_path):
     full = _step_losses(tmp_path / "run")
     losses = list(full.values())
     assert len(losses) >= 6 and losses[-1] < losses[0]
-    if strategy in ("fsdp", "pp"):
+    if strategy in ("fsdp", "tp", "pp"):
         from safetensors.torch import load_file as load_st
 
         from llmkit.train.checkpoint import list_checkpoints
