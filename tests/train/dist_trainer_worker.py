@@ -15,6 +15,8 @@ from llmkit.train.trainer import Trainer
 
 def main(strategy: str, out: str) -> None:
     torch.set_num_threads(1)
+    # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it)
+    strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
     else:
@@ -30,7 +32,8 @@ def main(strategy: str, out: str) -> None:
     # a pipeline step needs a micro-batch per stage at least: 2 of 4 sequences (accumulation == one batch of 8)
     micro = 4 if strategy == "pp" else 8 // world
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
-                      progress=False, tensorboard=False, log_every=1, device="cpu", seed=0)
+                      progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,
+                      activation_checkpointing=ac)
     losses, tokens = [], []
     trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist,
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])

@@ -80,7 +80,7 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "fsdp-ac"])  # -ac: activation ckpt
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
