@@ -9,8 +9,8 @@ Implements, applied to a plain `Transformer` from outside (torchtitan style, nev
   composable with FSDP2 on the "dp" mesh dimension;
 - distributed checkpoints with `torch.distributed.checkpoint` (each rank writes its shards; loads reshard).
 
-Pipeline parallelism, the third dimension of 3D parallelism, is `llmkit.train.pipeline` (one stage per process,
-LLMKIT_DIST=pp; it is not composed with the "dp"/"tp" mesh here). Not covered: sequence/context
+Pipeline parallelism, the third dimension of 3D parallelism, is `llmkit.train.pipeline` (LLMKIT_DIST=pp, with
+FSDP2 data parallelism inside each stage on a ("pp", "dp") mesh; not with TP). Not covered: sequence/context
 parallelism; MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
 """
 from __future__ import annotations
@@ -288,14 +288,15 @@ class TorchDist:
 
 
 def setup_from_env(recipe=None) -> TorchDist:
-    """The `dist` of `llmkit pretrain` under torchrun. Strategy and TP degree come from the environment
-    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp|pp, default ddp; LLMKIT_TP=N; LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe
-    runs unchanged on one process or many."""
+    """The `dist` of `llmkit pretrain` under torchrun. Strategy and degrees come from the environment
+    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp|pp, default ddp; LLMKIT_TP=N; LLMKIT_DP=N for pp;
+    LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe runs unchanged on one process or many."""
     strategy = os.environ.get("LLMKIT_DIST", "ddp")
-    if strategy == "pp":  # one pipeline stage per process (llmkit.train.pipeline), LLMKIT_PP_SCHEDULE=1f1b|gpipe
-        from .pipeline import PipelineDist
+    if strategy == "pp":  # pipeline stages (llmkit.train.pipeline), LLMKIT_PP_SCHEDULE=1f1b|gpipe, each stage
+        from .pipeline import PipelineDist  # sharded with FSDP2 over LLMKIT_DP data-parallel ranks (default 1)
 
-        return PipelineDist(schedule=os.environ.get("LLMKIT_PP_SCHEDULE", "1f1b"))
+        return PipelineDist(schedule=os.environ.get("LLMKIT_PP_SCHEDULE", "1f1b"),
+                            dp=int(os.environ.get("LLMKIT_DP", "1")))
     if strategy not in STRATEGIES or strategy == "none":
         raise SystemExit(f"LLMKIT_DIST={strategy!r}: choose one of ddp, fsdp, tp, fsdp+tp, pp")
     cfg = DistConfig(strategy=strategy, tp=int(os.environ.get("LLMKIT_TP", "2" if "tp" in strategy else "1")),

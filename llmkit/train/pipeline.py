@@ -14,16 +14,17 @@ Implements:
   (GPipe, Huang et al. 2019; the same for 1F1B, which saves memory, not bubble);
 - `lm_loss(logits, labels, z_loss)`: the causal-LM loss of the last stage;
 - `PipelineDist`: the `dist` that `Trainer` takes, so `torchrun ... -m llmkit pretrain` with LLMKIT_DIST=pp
-  (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains one stage per process, with global-norm clipping across stages,
-  evaluation, and checkpoints that hold the whole model and resume.
+  (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains the stages on their own processes, each stage optionally sharded
+  with FSDP2 over LLMKIT_DP data-parallel ranks on a ("pp", "dp") mesh, with global-norm clipping across
+  stages and shards, evaluation, and checkpoints that hold the whole model and resume.
 
 The schedules average the per-micro-batch losses (`scale_grads`), so a pipelined step equals one step on
 the whole batch when every micro-batch has the same number of target tokens (packed pre-training batches
 do; `Trainer` instead weights micro-batches by their token counts). Tied input/output embeddings (the
 first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
-would have to travel between stages) are refused. One process per stage: the pipeline is not composed with
-data or tensor parallelism on one mesh here. Tested on 2 and 3 gloo processes against one process, directly
-and through `Trainer` and the CLI (resume included).
+would have to travel between stages) are refused, and so is tensor parallelism inside a stage. Tested on gloo
+against one process: 2 and 3 stages directly, 2 stages and 2 stages x 2 FSDP2 ranks through `Trainer` and
+the CLI (resume included).
 """
 from __future__ import annotations
 
@@ -114,44 +115,60 @@ def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device:
 
 
 class PipelineDist:
-    """The `dist` that `Trainer` takes for a pipeline: one stage per process under `torchrun`.
+    """The `dist` that `Trainer` takes for a pipeline under `torchrun`: `world_size / dp` stages, each
+    replicated over `dp` data-parallel ranks that shard it with FSDP2 (ranks laid out stage-major on a
+    ("pp", "dp") mesh, torchtitan's layout). With dp = 1 every rank reads the same batches.
 
-    Every rank reads the same batches (there is no data-parallel dimension: `dp_world` is 1). A step's
-    micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
+    A step's micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
     pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
     number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage, averaged over the
-    micro-batches and broadcast to every rank. Clipping takes the global norm over all stages. Checkpoints
-    hold the whole model under its usual parameter names (rank 0 writes them; `llmkit.load` reads them like
-    any other) and the optimizer state keyed by those names, so a run resumes on the same number of stages.
-    Refused with it: a custom loss function, fp16 (the schedule calls backward itself, out of the loss
-    scaler's reach) and torch.compile of the whole model.
+    micro-batches, broadcast along the pipeline and averaged over the data-parallel ranks. Clipping takes the
+    global norm over all stages and shards. Checkpoints hold the whole model under its usual parameter names
+    (rank 0 writes them; `llmkit.load` reads them like any other) and the optimizer state keyed by those
+    names, so a run resumes on the same layout. Refused with it: a custom loss function, fp16 (the schedule
+    calls backward itself, out of the loss scaler's reach) and torch.compile of the whole model.
     """
 
-    def __init__(self, schedule: str = "1f1b", info=None):
+    def __init__(self, schedule: str = "1f1b", dp: int = 1, info=None):
         from .distributed import init_distributed
 
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
         self.info = info or init_distributed()
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
-        self.dp_rank, self.dp_world = 0, 1
+        if dp < 1 or self.world_size % dp:
+            raise ValueError(f"world size {self.world_size} is not a multiple of dp={dp}")
+        self.n_stages, self.dp_world = self.world_size // dp, dp
+        self.stage, self.dp_rank = divmod(self.rank, dp)  # stage-major: ranks [s*dp, (s+1)*dp) hold stage s
+        self.pp_group = self.dp_mesh = None
+        if dp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.n_stages, dp), mesh_dim_names=("pp", "dp"))
+            self.pp_group, self.dp_mesh = mesh["pp"].get_group(), mesh["dp"]
         self.schedule = schedule
         self.model: nn.Module | None = None
         self._schedules: dict = {}
         self._global: dict[int, str] = {}  # id(parameter) -> its name in the whole model
+        self._names: dict[str, str] = {}  # the stage's parameter names -> the whole model's
 
     @property
     def first(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     @property
     def last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.stage == self.n_stages - 1
 
     def wrap(self, model: nn.Module) -> nn.Module:
         names = {id(p): n for n, p in model.named_parameters()}
-        self.model = make_stage(model.to(self.device), self.rank, self.world_size)
-        self._global = {id(p): names[id(p)] for p in self.model.parameters()}
+        self.model = make_stage(model.to(self.device), self.stage, self.n_stages)
+        self._names = {n: names[id(p)] for n, p in self.model.named_parameters()}
+        if self.dp_mesh is not None:  # (fully_shard swaps the parameters for DTensors under the same names)
+            from .distributed import DistConfig, apply_fsdp
+
+            apply_fsdp(self.model, self.dp_mesh, DistConfig(strategy="fsdp"))
+        self._global = {id(p): self._names[n] for n, p in self.model.named_parameters()}
         return self.model
 
     # ------------------------------------------------------------------ steps
@@ -159,8 +176,9 @@ class PipelineDist:
         """Forward and backward of one optimizer step's micro-batches through the pipeline; the mean loss."""
         m = len(batches)
         if (m, z_loss) not in self._schedules:
-            self._schedules[(m, z_loss)] = pipeline_schedule(model, self.rank, self.world_size, self.device, m,
-                                                             partial(lm_loss, z_loss=z_loss), self.schedule)
+            self._schedules[(m, z_loss)] = pipeline_schedule(model, self.stage, self.n_stages, self.device, m,
+                                                             partial(lm_loss, z_loss=z_loss), self.schedule,
+                                                             group=self.pp_group)
         sched = self._schedules[(m, z_loss)]
         losses: list = []
         if self.first:
@@ -177,52 +195,78 @@ class PipelineDist:
         ids = batch["input_ids"]
         x = ids
         if not self.first:
-            x = torch.empty(*ids.shape, model.cfg.d_model, dtype=model.dtype, device=self.device)
-            dist.recv(x, src=self.rank - 1)
+            x = torch.empty(*ids.shape, model.cfg.d_model, dtype=next(model.parameters()).dtype, device=self.device)
+            dist.recv(x, src=self.rank - self.dp_world)  # the previous stage's rank of this data-parallel index
         out = model(x)
         if not self.last:
-            dist.send(out.contiguous(), dst=self.rank + 1)
+            dist.send(out.contiguous(), dst=self.rank + self.dp_world)
         return self._from_last(lm_loss(out, batch["labels"], z_loss) if self.last else None)
 
     def _from_last(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's loss on every rank of its pipeline, then averaged over the data-parallel ranks."""
         t = loss.float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
-        dist.broadcast(t, src=self.world_size - 1)
-        return t
+        if self.pp_group is None:
+            dist.broadcast(t, src=self.world_size - 1)
+            return t
+        dist.broadcast(t, group=self.pp_group, group_src=self.n_stages - 1)
+        dist.all_reduce(t, group=self.dp_mesh.get_group())
+        return t / self.dp_world
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
-        """Global-norm clipping across the stages (each holds a disjoint part of the parameters)."""
+        """Global-norm clipping across the stages (each holds a disjoint part of the parameters) and, under FSDP2,
+        their shards."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        sq = (torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() if grads
-              else torch.zeros((), dtype=torch.float64, device=self.device))
-        dist.all_reduce(sq)
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            sq = (n.full_tensor() if hasattr(n, "full_tensor") else n).double().pow(2)
+        else:
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt().float()
         coef = max_norm / (float(norm) + 1e-6)
-        if coef < 1.0 and grads:
-            torch._foreach_mul_(grads, coef)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
         return norm
 
     # ------------------------------------------------------------------ checkpoints (whole-model names)
     def _gather(self, obj):
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        """`obj` of every stage (with dp > 1, one rank of each stage's data-parallel group per entry)."""
+        out = [None] * (self.n_stages if self.pp_group is not None else self.world_size)
+        dist.all_gather_object(out, obj, group=self.pp_group)
         return out
 
     def model_state_dict(self, model: nn.Module) -> dict:
-        mine = {self._global[id(p)]: p.detach().cpu() for p in model.parameters()}
+        mine = {self._global[id(p)]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for p in model.parameters()}
         return {k: v for part in self._gather(mine) for k, v in part.items()}
 
     def load_model_state_dict(self, model: nn.Module, sd: dict) -> None:
+        if self.dp_mesh is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(model, {n: sd[g] for n, g in self._names.items()},
+                                 options=StateDictOptions(full_state_dict=True))
+            return
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(sd[self._global[id(p)]])
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """AdamW & co. state of every stage, keyed by whole-model parameter names (collective)."""
-        sd = optimizer.state_dict()
-        order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
-                 for i, st in sd["state"].items()}
-        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+        if self.dp_mesh is not None:  # FSDP2 shards: torch gathers them full, keyed by the stage's names
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+            state = {self._names[n]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                     for n, st in sd["state"].items()}
+            groups = [{**g, "params": [self._names[n] for n in g["params"]]} for g in sd["param_groups"]]
+        else:
+            sd = optimizer.state_dict()
+            order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
+            state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                     for i, st in sd["state"].items()}
+            groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
         merged_state, merged_groups = {}, None
         for st, gs in self._gather((state, groups)):
             merged_state.update(st)
@@ -237,11 +281,22 @@ class PipelineDist:
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
         order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        index = {n: i for i, n in enumerate(order)}
         missing = [n for n in order if n not in sd["state"]]
         if any(not isinstance(k, str) for k in sd["state"]) or (missing and sd["state"]):
             raise ValueError("this checkpoint's optimizer state was not written by a pipeline run with the same "
                              f"parameters (missing: {missing[:3]}); resume it with the layout that wrote it")
+        if self.dp_mesh is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            local = {g: n for n, g in self._names.items()}
+            groups, mine = [], set(local)
+            for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
+                groups.append({**saved, "params": [local[n] for n in saved["params"] if n in mine]})
+            state = {local[k]: v for k, v in sd["state"].items() if k in mine}
+            set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                     options=StateDictOptions(full_state_dict=True))
+            return
+        index = {n: i for i, n in enumerate(order)}
         groups, start = [], 0
         for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
             n = len(g["params"])

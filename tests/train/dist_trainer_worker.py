@@ -19,6 +19,8 @@ def main(strategy: str, out: str) -> None:
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
+    elif strategy == "pp+dp":  # 2 stages x 2 data-parallel ranks (FSDP2 within each stage)
+        dist = PipelineDist(dp=2)
     else:
         dist = TorchDist(DistConfig(strategy=strategy, tp=2 if strategy == "fsdp+tp" else 1)) if strategy != "none" \
             else None
@@ -28,9 +30,9 @@ def main(strategy: str, out: str) -> None:
     ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
     ds = TokenDataset(arrays=[ids], doc_starts=np.array([0], np.int64), eos_id=0)
     # global batch 8 sequences: one process takes 8 per step, each of two ranks 4 (disjoint slices)
-    loader = BatchLoader(ds, 4 if strategy == "pp" else 8 // world, 16, seed=0, rank=rank, world_size=world)
-    # a pipeline step needs a micro-batch per stage at least: 2 of 4 sequences (accumulation == one batch of 8)
-    micro = 4 if strategy == "pp" else 8 // world
+    # a pipeline step needs a micro-batch per stage at least (accumulation == one batch of 8)
+    micro = {"pp": 4, "pp+dp": 2}.get(strategy, 8 // world)
+    loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world)
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,
                       activation_checkpointing=ac)
@@ -38,7 +40,7 @@ def main(strategy: str, out: str) -> None:
     trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist,
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])
     trainer.fit(resume=False)
-    sd = dist.model_state_dict(trainer.model) if strategy == "pp" else full_state_dict(trainer.model)
+    sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
     if (dist is None or dist.rank == 0):
         json.dump({"losses": losses, "tokens": tokens, "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}},
                   open(out, "w"))

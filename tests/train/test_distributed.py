@@ -80,7 +80,7 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "fsdp-ac"])  # -ac: activation ckpt
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp", "fsdp-ac"])  # -ac: act. ckpt
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
@@ -90,7 +90,7 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     res = subprocess.run([sys.executable, str(worker), "none", str(single)], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
-    nproc = 4 if strategy == "fsdp+tp" else 2  # fsdp+tp: a 2 x 2 (dp, tp) mesh
+    nproc = 4 if strategy in ("fsdp+tp", "pp+dp") else 2  # 2 x 2 meshes: (dp, tp) and (pp, dp)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
                          env=env, capture_output=True, text=True, timeout=240)
@@ -105,7 +105,12 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
 
 def _torchrun_pretrain(recipe: Path, out: Path, strategy: str, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLMKIT_DIST": strategy}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    nproc = 2
+    if strategy == "pp+dp":  # 2 stages x 2 data-parallel ranks
+        env.update(LLMKIT_DIST="pp", LLMKIT_DP="2")
+        nproc = 4
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                          "--master_addr=127.0.0.1",
                           f"--master_port={_free_port()}", "-m", "llmkit", "pretrain", "--config", str(recipe),
                           "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -117,10 +122,10 @@ def _step_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "pp+dp"])
 def test_pretrain_cli_under_torchrun(strategy, tmp_path):
     """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; TP and a 2-stage pipeline on the same
-    batches) writes one llmkit run directory; sharded (FSDP2, TP) and per-stage optimizer state is gathered
+    batches; 2 stages x 2 FSDP2 ranks) writes one llmkit run directory; sharded (FSDP2, TP) and per-stage optimizer state is gathered
     into the checkpoint, and a resume from it continues with the same losses as the uninterrupted run."""
     import shutil
 
@@ -131,12 +136,12 @@ def test_pretrain_cli_under_torchrun(strategy, tmp_path):
         f"data: {{kind: text, path: {tmp_path / 'corpus.txt'}, val_fraction: 0.1, tokenizer: char}}\n"
         "train: {max_steps: 6, micro_batch_size: 4, seq_len: 32, lr: 0.003, warmup_steps: 1, progress: false,"
         " tensorboard: false, log_every: 1, device: cpu, eval_batches: 2, ckpt_every: 3}\n")
-    extra = ["train.batch_size=8"] if strategy == "pp" else []  # two micro-batches of 4: one per stage
+    extra = ["train.batch_size=8"] if strategy.startswith("pp") else []  # two micro-batches of 4: one per stage
     _torchrun_pretrain(recipe, tmp_path / "run", strategy, *extra)
     full = _step_losses(tmp_path / "run")
     losses = list(full.values())
     assert len(losses) >= 6 and losses[-1] < losses[0]
-    if strategy in ("fsdp", "tp", "pp"):
+    if strategy != "ddp":
         from safetensors.torch import load_file as load_st
 
         from llmkit.train.checkpoint import list_checkpoints
