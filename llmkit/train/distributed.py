@@ -10,7 +10,7 @@ Implements, applied to a plain `Transformer` from outside (torchtitan style, nev
 - distributed checkpoints with `torch.distributed.checkpoint` (each rank writes its shards; loads reshard).
 
 Pipeline parallelism, the third dimension of 3D parallelism, is `llmkit.train.pipeline` (LLMKIT_DIST=pp, with
-FSDP2 data parallelism inside each stage on a ("pp", "dp") mesh; not with TP). Not covered: sequence/context
+FSDP2 and TP inside each stage on a ("pp", "dp", "tp") mesh). Not covered: sequence/context
 parallelism; MoE expert parallelism (MoE layers stay replicated under TP and are refused there).
 """
 from __future__ import annotations
@@ -73,6 +73,19 @@ def build_mesh(info: DistInfo, tp: int = 1):
     if info.world_size % tp:
         raise ValueError(f"world size {info.world_size} is not divisible by tp={tp}")
     return init_device_mesh(info.device.type, (info.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm (float64) of gradients that may be DTensors on different meshes and plain tensors: each
+    mesh's norm is reduced over its shards (`full_tensor`), plain tensors count once, and the parts combine."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    parts = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
+    parts = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in parts]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([n.double() for n in parts]).pow(2).sum().sqrt()
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
@@ -230,20 +243,15 @@ class TorchDist:
         norms and head as plain tensors (the same on every rank), and FSDP2 + TP puts the TP'd matrices on the
         2-D (dp, tp) mesh and the rest on the dp mesh: there each group's norm is taken apart and combined."""
         live = [p for p in (self.model.parameters() if self.model is not None else params) if p.grad is not None]
-        groups: dict = {}
-        for p in live:
-            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-        if len(groups) == 1:
+        if len({getattr(p.grad, "device_mesh", None) for p in live}) == 1:
             norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        parts = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
-        parts = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in parts]
-        norm = torch.stack([n.double() for n in parts]).pow(2).sum().sqrt().float()
+        grads = [p.grad for p in live]
+        norm = total_norm(grads).float()
         coef = max_norm / (float(norm) + 1e-6)  # torch's formula
         if coef < 1.0:
-            for gs in groups.values():
-                for g in gs:
-                    g.mul_(coef)
+            for g in grads:
+                g.mul_(coef)
         return norm
 
     def model_state_dict(self, model: nn.Module) -> dict:
@@ -289,14 +297,14 @@ class TorchDist:
 
 def setup_from_env(recipe=None) -> TorchDist:
     """The `dist` of `llmkit pretrain` under torchrun. Strategy and degrees come from the environment
-    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp|pp, default ddp; LLMKIT_TP=N; LLMKIT_DP=N for pp;
+    (LLMKIT_DIST=ddp|fsdp|tp|fsdp+tp|pp, default ddp; LLMKIT_TP=N; LLMKIT_DP=N with pp;
     LLMKIT_FSDP_CPU_OFFLOAD=1), so one recipe runs unchanged on one process or many."""
     strategy = os.environ.get("LLMKIT_DIST", "ddp")
     if strategy == "pp":  # pipeline stages (llmkit.train.pipeline), LLMKIT_PP_SCHEDULE=1f1b|gpipe, each stage
-        from .pipeline import PipelineDist  # sharded with FSDP2 over LLMKIT_DP data-parallel ranks (default 1)
+        from .pipeline import PipelineDist  # on LLMKIT_DP FSDP2 ranks x LLMKIT_TP tensor-parallel ranks (default 1)
 
         return PipelineDist(schedule=os.environ.get("LLMKIT_PP_SCHEDULE", "1f1b"),
-                            dp=int(os.environ.get("LLMKIT_DP", "1")))
+                            dp=int(os.environ.get("LLMKIT_DP", "1")), tp=int(os.environ.get("LLMKIT_TP", "1")))
     if strategy not in STRATEGIES or strategy == "none":
         raise SystemExit(f"LLMKIT_DIST={strategy!r}: choose one of ddp, fsdp, tp, fsdp+tp, pp")
     cfg = DistConfig(strategy=strategy, tp=int(os.environ.get("LLMKIT_TP", "2" if "tp" in strategy else "1")),

@@ -14,17 +14,18 @@ Implements:
   (GPipe, Huang et al. 2019; the same for 1F1B, which saves memory, not bubble);
 - `lm_loss(logits, labels, z_loss)`: the causal-LM loss of the last stage;
 - `PipelineDist`: the `dist` that `Trainer` takes, so `torchrun ... -m llmkit pretrain` with LLMKIT_DIST=pp
-  (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains the stages on their own processes, each stage optionally sharded
-  with FSDP2 over LLMKIT_DP data-parallel ranks on a ("pp", "dp") mesh, with global-norm clipping across
-  stages and shards, evaluation, and checkpoints that hold the whole model and resume.
+  (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains the stages on their own processes, each stage optionally split by
+  tensor parallelism over LLMKIT_TP ranks and sharded with FSDP2 over LLMKIT_DP ranks on a ("pp", "dp", "tp")
+  mesh (3-D parallelism), with global-norm clipping across stages and shards, evaluation, and checkpoints
+  that hold the whole model and resume.
 
 The schedules average the per-micro-batch losses (`scale_grads`), so a pipelined step equals one step on
 the whole batch when every micro-batch has the same number of target tokens (packed pre-training batches
 do; `Trainer` instead weights micro-batches by their token counts). Tied input/output embeddings (the
 first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
-would have to travel between stages) are refused, and so is tensor parallelism inside a stage. Tested on gloo
-against one process: 2 and 3 stages directly, 2 stages and 2 stages x 2 FSDP2 ranks through `Trainer` and
-the CLI (resume included).
+would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
+directly; 2 stages, 2 stages x 2 FSDP2 ranks and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2
+stages and with 2 x 2 x 2, resume included.
 """
 from __future__ import annotations
 
@@ -115,9 +116,10 @@ def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device:
 
 
 class PipelineDist:
-    """The `dist` that `Trainer` takes for a pipeline under `torchrun`: `world_size / dp` stages, each
-    replicated over `dp` data-parallel ranks that shard it with FSDP2 (ranks laid out stage-major on a
-    ("pp", "dp") mesh, torchtitan's layout). With dp = 1 every rank reads the same batches.
+    """The `dist` that `Trainer` takes for a pipeline under `torchrun`: `world_size / (dp * tp)` stages, each
+    split over `tp` tensor-parallel ranks (`distributed.apply_tp`) and sharded with FSDP2 over `dp`
+    data-parallel ranks (ranks laid out stage-major on a ("pp", "dp", "tp") mesh, torchtitan's layout).
+    Tensor-parallel peers read the same batches; with dp = 1 every rank does.
 
     A step's micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
     pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
@@ -129,23 +131,28 @@ class PipelineDist:
     calls backward itself, out of the loss scaler's reach) and torch.compile of the whole model.
     """
 
-    def __init__(self, schedule: str = "1f1b", dp: int = 1, info=None):
+    def __init__(self, schedule: str = "1f1b", dp: int = 1, tp: int = 1, info=None):
         from .distributed import init_distributed
 
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
         self.info = info or init_distributed()
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
-        if dp < 1 or self.world_size % dp:
-            raise ValueError(f"world size {self.world_size} is not a multiple of dp={dp}")
-        self.n_stages, self.dp_world = self.world_size // dp, dp
-        self.stage, self.dp_rank = divmod(self.rank, dp)  # stage-major: ranks [s*dp, (s+1)*dp) hold stage s
-        self.pp_group = self.dp_mesh = None
-        if dp > 1:
+        if dp < 1 or tp < 1 or self.world_size % (dp * tp):
+            raise ValueError(f"world size {self.world_size} is not a multiple of dp*tp = {dp}*{tp}")
+        self.n_stages, self.dp_world, self.tp = self.world_size // (dp * tp), dp, tp
+        self.per_stage = dp * tp  # stage-major: ranks [s*dp*tp, (s+1)*dp*tp) hold stage s
+        self.stage, within = divmod(self.rank, self.per_stage)
+        self.dp_rank = within // tp  # tensor-parallel peers read the same batch
+        self.pp_group = self.dp_mesh = self.tp_mesh = self.dp_group = None
+        if self.per_stage > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(self.device.type, (self.n_stages, dp), mesh_dim_names=("pp", "dp"))
-            self.pp_group, self.dp_mesh = mesh["pp"].get_group(), mesh["dp"]
+            mesh = init_device_mesh(self.device.type, (self.n_stages, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+            self.pp_group = mesh["pp"].get_group()
+            self.dp_mesh = mesh["dp"] if dp > 1 else None
+            self.dp_group = mesh["dp"].get_group()
+            self.tp_mesh = mesh["tp"] if tp > 1 else None
         self.schedule = schedule
         self.model: nn.Module | None = None
         self._schedules: dict = {}
@@ -164,7 +171,12 @@ class PipelineDist:
         names = {id(p): n for n, p in model.named_parameters()}
         self.model = make_stage(model.to(self.device), self.stage, self.n_stages)
         self._names = {n: names[id(p)] for n, p in self.model.named_parameters()}
-        if self.dp_mesh is not None:  # (fully_shard swaps the parameters for DTensors under the same names)
+        # (apply_tp and fully_shard swap the parameters for DTensors under the same names)
+        if self.tp_mesh is not None:
+            from .distributed import apply_tp
+
+            apply_tp(self.model, self.tp_mesh)
+        if self.dp_mesh is not None:
             from .distributed import DistConfig, apply_fsdp
 
             apply_fsdp(self.model, self.dp_mesh, DistConfig(strategy="fsdp"))
@@ -196,10 +208,10 @@ class PipelineDist:
         x = ids
         if not self.first:
             x = torch.empty(*ids.shape, model.cfg.d_model, dtype=next(model.parameters()).dtype, device=self.device)
-            dist.recv(x, src=self.rank - self.dp_world)  # the previous stage's rank of this data-parallel index
+            dist.recv(x, src=self.rank - self.per_stage)  # the previous stage's rank at the same (dp, tp) place
         out = model(x)
         if not self.last:
-            dist.send(out.contiguous(), dst=self.rank + self.dp_world)
+            dist.send(out.contiguous(), dst=self.rank + self.per_stage)
         return self._from_last(lm_loss(out, batch["labels"], z_loss) if self.last else None)
 
     def _from_last(self, loss: torch.Tensor | None) -> torch.Tensor:
@@ -209,18 +221,16 @@ class PipelineDist:
             dist.broadcast(t, src=self.world_size - 1)
             return t
         dist.broadcast(t, group=self.pp_group, group_src=self.n_stages - 1)
-        dist.all_reduce(t, group=self.dp_mesh.get_group())
+        dist.all_reduce(t, group=self.dp_group)  # (tensor-parallel peers hold the same value already)
         return t / self.dp_world
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across the stages (each holds a disjoint part of the parameters) and, under FSDP2,
         their shards."""
+        from .distributed import total_norm
+
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            n = torch.nn.utils.get_total_norm(grads)
-            sq = (n.full_tensor() if hasattr(n, "full_tensor") else n).double().pow(2)
-        else:
-            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = total_norm(grads).to(self.device).pow(2)  # over this stage's shards (dp, tp)
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt().float()
         coef = max_norm / (float(norm) + 1e-6)
@@ -242,7 +252,7 @@ class PipelineDist:
         return {k: v for part in self._gather(mine) for k, v in part.items()}
 
     def load_model_state_dict(self, model: nn.Module, sd: dict) -> None:
-        if self.dp_mesh is not None:
+        if self.per_stage > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(model, {n: sd[g] for n, g in self._names.items()},
@@ -254,7 +264,7 @@ class PipelineDist:
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """AdamW & co. state of every stage, keyed by whole-model parameter names (collective)."""
-        if self.dp_mesh is not None:  # FSDP2 shards: torch gathers them full, keyed by the stage's names
+        if self.per_stage > 1:  # FSDP2 / TP shards: torch gathers them full, keyed by the stage's names
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
@@ -267,16 +277,10 @@ class PipelineDist:
             state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
                      for i, st in sd["state"].items()}
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
-        merged_state, merged_groups = {}, None
-        for st, gs in self._gather((state, groups)):
+        merged_state, merged_groups = {}, []
+        for st, gs in self._gather((state, groups)):  # each stage's groups as they are (their splits may differ)
             merged_state.update(st)
-            if merged_groups is None:
-                merged_groups = [dict(g) for g in gs]
-                continue
-            if len(gs) != len(merged_groups):
-                raise ValueError("pipeline stages built different optimizer parameter groups")
-            for mg, g in zip(merged_groups, gs):
-                mg["params"] = mg["params"] + g["params"]
+            merged_groups += gs
         return {"state": merged_state, "param_groups": merged_groups}
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
@@ -285,23 +289,24 @@ class PipelineDist:
         if any(not isinstance(k, str) for k in sd["state"]) or (missing and sd["state"]):
             raise ValueError("this checkpoint's optimizer state was not written by a pipeline run with the same "
                              f"parameters (missing: {missing[:3]}); resume it with the layout that wrote it")
-        if self.dp_mesh is not None:
+        saved_group = {n: g for g in sd["param_groups"] for n in g["params"]}  # whole-model name -> its group
+        hyper = [{k: v for k, v in saved_group[self._global[id(g["params"][0])]].items() if k != "params"}
+                 for g in optimizer.param_groups]
+        if self.per_stage > 1:  # torch scatters the full state back into the FSDP2 / TP shards
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            local = {g: n for n, g in self._names.items()}
-            groups, mine = [], set(local)
-            for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
-                groups.append({**saved, "params": [local[n] for n in saved["params"] if n in mine]})
-            state = {local[k]: v for k, v in sd["state"].items() if k in mine}
+            local = {gname: n for n, gname in self._names.items()}
+            groups = [{**h, "params": [local[self._global[id(p)]] for p in g["params"]]}
+                      for h, g in zip(hyper, optimizer.param_groups)]
+            state = {local[k]: v for k, v in sd["state"].items() if k in local}
             set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
                                      options=StateDictOptions(full_state_dict=True))
             return
         index = {n: i for i, n in enumerate(order)}
         groups, start = [], 0
-        for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
-            n = len(g["params"])
-            groups.append({**saved, "params": list(range(start, start + n))})
-            start += n
+        for h, g in zip(hyper, optimizer.param_groups):
+            groups.append({**h, "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
         state = {index[k]: v for k, v in sd["state"].items() if k in index}
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 
