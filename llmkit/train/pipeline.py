@@ -24,8 +24,8 @@ the whole batch when every micro-batch has the same number of target tokens (pac
 do; `Trainer` instead weights micro-batches by their token counts). Tied input/output embeddings (the
 first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
 would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
-directly; 2 stages, 2 stages x 2 FSDP2 ranks and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2
-stages and with 2 x 2 x 2, resume included.
+directly; 2 stages and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with 2 x 2 x 2,
+resume included.
 """
 from __future__ import annotations
 

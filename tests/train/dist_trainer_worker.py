@@ -19,8 +19,6 @@ def main(strategy: str, out: str) -> None:
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
-    elif strategy == "pp+dp":  # 2 stages x 2 data-parallel ranks (FSDP2 within each stage)
-        dist = PipelineDist(dp=2)
     elif strategy == "pp+dp+tp":  # 3-D: 2 stages x 2 FSDP2 ranks x 2 tensor-parallel ranks
         dist = PipelineDist(dp=2, tp=2)
     else:
@@ -33,7 +31,7 @@ def main(strategy: str, out: str) -> None:
     ds = TokenDataset(arrays=[ids], doc_starts=np.array([0], np.int64), eos_id=0)
     # global batch 8 sequences: one process takes 8 per step, each of two ranks 4 (disjoint slices)
     # a pipeline step needs a micro-batch per stage at least (accumulation == one batch of 8)
-    micro = {"pp": 4, "pp+dp": 2, "pp+dp+tp": 2}.get(strategy, 8 // world)
+    micro = {"pp": 4, "pp+dp+tp": 2}.get(strategy, 8 // world)
     loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world)
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,

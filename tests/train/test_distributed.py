@@ -80,7 +80,7 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp", "pp+dp+tp", "fsdp-ac"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
@@ -90,8 +90,8 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     res = subprocess.run([sys.executable, str(worker), "none", str(single)], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
-    # 2 x 2 meshes (dp, tp) and (pp, dp), the 2 x 2 x 2 mesh (pp, dp, tp); "-ac": activation checkpointing
-    nproc = {"fsdp+tp": 4, "pp+dp": 4, "pp+dp+tp": 8}.get(strategy, 2)
+    # the 2 x 2 mesh (dp, tp), the 2 x 2 x 2 mesh (pp, dp, tp); "-ac": activation checkpointing
+    nproc = {"fsdp+tp": 4, "pp+dp+tp": 8}.get(strategy, 2)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
                          env=env, capture_output=True, text=True, timeout=240)
@@ -123,7 +123,7 @@ def _step_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "pp+dp+tp"])  # (pp+dp: Trainer test only)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "pp+dp+tp"])
 def test_pretrain_cli_under_torchrun(strategy, tmp_path):
     """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; TP and a 2-stage pipeline on the same
     batches; 2 stages x 2 FSDP2 ranks x 2 TP ranks) writes one llmkit run directory; sharded (FSDP2, TP) and per-stage optimizer state is gathered
