@@ -251,32 +251,22 @@ class PipelineDist:
                 for p in model.parameters()}
         return {k: v for part in self._gather(mine) for k, v in part.items()}
 
+    # torch.distributed.checkpoint's state-dict API gathers FSDP2 / TP shards full (and takes plain tensors as
+    # they are), keyed by the stage's own names; `_names` maps them to the whole model's
     def load_model_state_dict(self, model: nn.Module, sd: dict) -> None:
-        if self.per_stage > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(model, {n: sd[g] for n, g in self._names.items()},
-                                 options=StateDictOptions(full_state_dict=True))
-            return
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(sd[self._global[id(p)]])
+        set_model_state_dict(model, {n: sd[g] for n, g in self._names.items()},
+                             options=StateDictOptions(full_state_dict=True))
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """AdamW & co. state of every stage, keyed by whole-model parameter names (collective)."""
-        if self.per_stage > 1:  # FSDP2 / TP shards: torch gathers them full, keyed by the stage's names
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-            state = {self._names[n]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
-                     for n, st in sd["state"].items()}
-            groups = [{**g, "params": [self._names[n] for n in g["params"]]} for g in sd["param_groups"]]
-        else:
-            sd = optimizer.state_dict()
-            order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
-            state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
-                     for i, st in sd["state"].items()}
-            groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+        sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+        state = {self._names[n]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for n, st in sd["state"].items()}
+        groups = [{**g, "params": [self._names[n] for n in g["params"]]} for g in sd["param_groups"]]
         merged_state, merged_groups = {}, []
         for st, gs in self._gather((state, groups)):  # each stage's groups as they are (their splits may differ)
             merged_state.update(st)
@@ -284,31 +274,22 @@ class PipelineDist:
         return {"state": merged_state, "param_groups": merged_groups}
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-        order = [self._global[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        missing = [n for n in order if n not in sd["state"]]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        local = {g: n for n, g in self._names.items()}
+        missing = [g for g in local if g not in sd["state"]]
         if any(not isinstance(k, str) for k in sd["state"]) or (missing and sd["state"]):
             raise ValueError("this checkpoint's optimizer state was not written by a pipeline run with the same "
                              f"parameters (missing: {missing[:3]}); resume it with the layout that wrote it")
         saved_group = {n: g for g in sd["param_groups"] for n in g["params"]}  # whole-model name -> its group
-        hyper = [{k: v for k, v in saved_group[self._global[id(g["params"][0])]].items() if k != "params"}
-                 for g in optimizer.param_groups]
-        if self.per_stage > 1:  # torch scatters the full state back into the FSDP2 / TP shards
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            local = {gname: n for n, gname in self._names.items()}
-            groups = [{**h, "params": [local[self._global[id(p)]] for p in g["params"]]}
-                      for h, g in zip(hyper, optimizer.param_groups)]
-            state = {local[k]: v for k, v in sd["state"].items() if k in local}
-            set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                                     options=StateDictOptions(full_state_dict=True))
-            return
-        index = {n: i for i, n in enumerate(order)}
-        groups, start = [], 0
-        for h, g in zip(hyper, optimizer.param_groups):
-            groups.append({**h, "params": list(range(start, start + len(g["params"])))})
-            start += len(g["params"])
-        state = {index[k]: v for k, v in sd["state"].items() if k in index}
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        groups = []
+        for g in optimizer.param_groups:  # the hyperparameters saved with the group of this group's parameters
+            names = [self._global[id(p)] for p in g["params"]]
+            saved = {k: v for k, v in saved_group[names[0]].items() if k != "params"}
+            groups.append({**saved, "params": [local[n] for n in names]})
+        state = {local[k]: v for k, v in sd["state"].items() if k in local}
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
 
     def barrier(self) -> None:
         dist.barrier()
