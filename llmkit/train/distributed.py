@@ -88,6 +88,16 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.double() for n in parts]).pow(2).sum().sqrt()
 
 
+def scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Clip `grads` whose global norm is `norm` to `max_norm` (torch's factor max_norm / (norm + 1e-6), applied
+    only below 1; a NaN / inf norm scales by NaN / 0 as torch does); returns `norm`."""
+    coef = max_norm / (float(norm) + 1e-6)
+    if not coef >= 1.0:
+        for g in grads:  # (one tensor at a time: DTensors on different meshes cannot share a foreach call)
+            g.mul_(coef)
+    return norm
+
+
 def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
     """Shard attention heads and FFN width over `tp_mesh` (Megatron-LM column/row split)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -247,12 +257,7 @@ class TorchDist:
             norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         grads = [p.grad for p in live]
-        norm = total_norm(grads).float()
-        coef = max_norm / (float(norm) + 1e-6)  # torch's formula
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-        return norm
+        return scale_to_norm(grads, total_norm(grads).float(), max_norm)
 
     def model_state_dict(self, model: nn.Module) -> dict:
         return full_state_dict(model)

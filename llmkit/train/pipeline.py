@@ -227,17 +227,12 @@ class PipelineDist:
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across the stages (each holds a disjoint part of the parameters) and, under FSDP2,
         their shards."""
-        from .distributed import total_norm
+        from .distributed import scale_to_norm, total_norm
 
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         sq = total_norm(grads).to(self.device).pow(2)  # over this stage's shards (dp, tp)
         dist.all_reduce(sq, group=self.pp_group)
-        norm = sq.sqrt().float()
-        coef = max_norm / (float(norm) + 1e-6)
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-        return norm
+        return scale_to_norm(grads, sq.sqrt().float(), max_norm)
 
     # ------------------------------------------------------------------ checkpoints (whole-model names)
     def _gather(self, obj):
