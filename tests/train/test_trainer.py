@@ -105,13 +105,13 @@ def test_bf16_autocast_on_cpu_trains():
     assert torch.isfinite(torch.tensor(out["loss"])) and m.embed.weight.dtype == torch.float32  # fp32 master weights
 
 
-def _fp16_run(out_dir=None, overflow_at=(), resume=False, **kw):
-    """A tiny fp16 run on CPU (autocast float16 + torch's GradScaler, as on CUDA). The embedding's gradient is
-    made inf in the backward of the steps listed in `overflow_at` (counted from 1, as in metrics.jsonl)."""
+def _run(dtype="fp32", out_dir=None, overflow_at=(), resume=False, **kw):
+    """A tiny 6-step run and the Trainer's records. fp16 runs autocast float16 with torch's GradScaler (on CPU as
+    on CUDA); the embedding's gradient is made inf in the backward of the steps listed in `overflow_at`
+    (counted from 1, as in metrics.jsonl)."""
     m = tiny_model()
     tr, _ = loaders(4, 16)
-    cfg = train_cfg(seq_len=16, dtype="fp16", **{"max_steps": 6, **kw})
-    t = Trainer(m, cfg, tr, out_dir=out_dir)
+    t = Trainer(m, train_cfg(seq_len=16, dtype=dtype, **{"max_steps": 6, **kw}), tr, out_dir=out_dir)
     m.embed.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if t.step + 1 in overflow_at else g)
     recs = []
     t.hooks.append(lambda _, rec: recs.append(rec))
@@ -119,16 +119,15 @@ def _fp16_run(out_dir=None, overflow_at=(), resume=False, **kw):
     return t, recs
 
 
+def _losses(recs):
+    return [r["loss"] for r in recs]
+
+
 def test_fp16_on_cpu_follows_fp32():
     # fp16 autocast with dynamic loss scaling (F5) runs on CPU too: losses track fp32, the scale stays put
-    _, r16 = _fp16_run()
-    m = tiny_model()
-    tr, _ = loaders(4, 16)
-    r32 = []
-    t = Trainer(m, train_cfg(seq_len=16, max_steps=6), tr)
-    t.hooks.append(lambda _, rec: r32.append(rec))
-    t.fit()
-    assert [r["loss"] for r in r16] == pytest.approx([r["loss"] for r in r32], rel=2e-3)
+    _, r16 = _run("fp16")
+    _, r32 = _run()
+    assert _losses(r16) == pytest.approx(_losses(r32), rel=2e-3)
     # clipping saw the unscaled gradients: the norm is fp32's, not 65536 times it
     assert [r["grad_norm"] for r in r16] == pytest.approx([r["grad_norm"] for r in r32], rel=2e-2)
     assert [r["loss_scale"] for r in r16] == [2.0 ** 16] * 6 and not any(r["skipped"] for r in r16)
@@ -136,7 +135,7 @@ def test_fp16_on_cpu_follows_fp32():
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
-    t, recs = _fp16_run(tmp_path, overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0,
+    t, recs = _run("fp16", tmp_path, overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0,
                         loss_scale_growth_interval=2, ckpt_every=2)
     assert [r["loss_scale"] for r in recs] == [1024.0, 2048.0, 1024.0, 512.0, 512.0, 1024.0]
     assert [r["skipped"] for r in recs] == [False, False, True, True, False, False]
@@ -147,8 +146,8 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
     from llmkit.train.metrics import read_metrics
     assert read_metrics(tmp_path)[2]["grad_norm"] == float("inf")
     # a skipped step leaves the parameters and AdamW's state exactly as they were
-    a, _ = _fp16_run(overflow_at=(3,), max_steps=3, loss_scale_init=1024.0)
-    b, _ = _fp16_run(max_steps=2, loss_scale_init=1024.0)
+    a, _ = _run("fp16", overflow_at=(3,), max_steps=3, loss_scale_init=1024.0)
+    b, _ = _run("fp16", max_steps=2, loss_scale_init=1024.0)
     for (n, p), q in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
         assert torch.equal(p, q), n
         sa, sb = a.optimizer.state[p], b.optimizer.state[q]
@@ -158,9 +157,9 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
 def test_fp16_resume_restores_the_loss_scale(tmp_path):
     # the scaler's scale and growth tracker travel in the checkpoint: a resumed run takes the same steps
     kw = dict(overflow_at=(2,), max_steps=7, loss_scale_init=1024.0, loss_scale_growth_interval=3, ckpt_every=3)
-    _, full = _fp16_run(tmp_path / "a", **kw)
-    _fp16_run(tmp_path / "b", **{**kw, "max_steps": 3})  # stops at step 3 (its checkpoint; growth tracker 1)
-    _, rest = _fp16_run(tmp_path / "b", resume=True, **kw)
+    _, full = _run("fp16", tmp_path / "a", **kw)
+    _run("fp16", tmp_path / "b", **{**kw, "max_steps": 3})  # stops at step 3 (its checkpoint; growth tracker 1)
+    _, rest = _run("fp16", tmp_path / "b", resume=True, **kw)
     assert [(r["loss"], r["loss_scale"]) for r in rest] == [(r["loss"], r["loss_scale"]) for r in full[3:]]
     assert [r["loss_scale"] for r in full] == [1024.0, 512.0, 512.0, 512.0, 1024.0, 1024.0, 1024.0]
 
@@ -179,56 +178,46 @@ def test_grad_scaler_skips_inf_and_halves_scale():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _run(device="cpu", dtype="fp32", **kw):
-    m = tiny_model()
-    tr, _ = loaders(4, 16)
-    recs = []
-    t = Trainer(m, train_cfg(seq_len=16, dtype=dtype, device=device, **{"max_steps": 6, **kw}), tr)
-    t.hooks.append(lambda _, rec: recs.append(rec))
-    t.fit()
-    return t, [r["loss"] for r in recs]
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_cuda_training_follows_cpu_fp32(dtype):
     # fp32 runs TF32 matmuls on CUDA; six steps move the loss by far more than these tolerances
     _, ref = _run()
-    t, got = _run("cuda", dtype)
+    t, got = _run(dtype, device="cuda")
     assert all(p.device.type == "cuda" for p in t.raw_model.parameters())
-    assert got == pytest.approx(ref, rel=2e-2)
-    assert got[-1] < got[0]
+    assert _losses(got) == pytest.approx(_losses(ref), rel=2e-2)
+    assert got[-1]["loss"] < got[0]["loss"]
 
 
 @needs_cuda
 def test_cuda_fp16_overflow_skip_and_resume(tmp_path):
-    t, recs = _fp16_run(overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0, loss_scale_growth_interval=2,
+    t, recs = _run("fp16", overflow_at=(3, 4), max_steps=6, loss_scale_init=1024.0, loss_scale_growth_interval=2,
                         device="cuda")
     assert [r["loss_scale"] for r in recs] == [1024.0, 2048.0, 1024.0, 512.0, 512.0, 1024.0]
     assert all(torch.isfinite(p).all() for p in t.raw_model.parameters())
     kw = dict(overflow_at=(2,), max_steps=7, loss_scale_init=1024.0, loss_scale_growth_interval=3, ckpt_every=3,
               device="cuda")
-    _, full = _fp16_run(tmp_path / "a", **kw)
-    _fp16_run(tmp_path / "b", **{**kw, "max_steps": 3})
-    _, rest = _fp16_run(tmp_path / "b", resume=True, **kw)
+    _, full = _run("fp16", tmp_path / "a", **kw)
+    _run("fp16", tmp_path / "b", **{**kw, "max_steps": 3})
+    _, rest = _run("fp16", tmp_path / "b", resume=True, **kw)
     assert [r["loss_scale"] for r in rest] == [r["loss_scale"] for r in full[3:]]
-    assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[3:]], rel=1e-5)
+    assert _losses(rest) == pytest.approx(_losses(full[3:]), rel=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiled_training_follows_eager_on_cpu(dtype):
     # TrainConfig.compile on the CPU paths (native float32 kernels as custom ops, the bf16 attention Function)
-    _, eager = _run(dtype=dtype)
-    _, compiled = _run(dtype=dtype, compile=True)
-    assert compiled == pytest.approx(eager, rel=1e-5 if dtype == "fp32" else 2e-2)
+    _, eager = _run(dtype)
+    _, compiled = _run(dtype, compile=True)
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-5 if dtype == "fp32" else 2e-2)
 
 
 @needs_cuda
 def test_cuda_compiled_bf16_step_follows_eager():
-    _, eager = _run("cuda", "bf16")
-    _, compiled = _run("cuda", "bf16", compile=True)
-    assert compiled == pytest.approx(eager, rel=2e-2)
+    _, eager = _run("bf16", device="cuda")
+    _, compiled = _run("bf16", device="cuda", compile=True)
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=2e-2)
 
 
 def test_activation_checkpointing_same_gradients():
