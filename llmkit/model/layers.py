@@ -69,7 +69,11 @@ class _RMSNormGrad(torch.autograd.Function):
         xh, r, w = _rms_parts(x, weight, eps, offset)  # xh kept for the backward: one [N, d] pass less there
         ctx.save_for_backward(xh, r, w)
         ctx.wdtype, ctx.xdtype = weight.dtype, x.dtype
-        return (xh * w).to(x.dtype)
+        y = xh * w
+        # no `.to` when the dtype already matches: under torch.compile in torch 2.11 a Function whose forward
+        # returns such a no-op cast got all-zero gradients (tests/train/test_trainer.py's compile test; the
+        # returned alias of an intermediate misroutes the gradient: pytorch/pytorch#180642)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
