@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LLMKIT_TEST_THREADS=4
+# LLMKIT_NATIVE=0: the CPU reference runs take torch's own ops rather than first compiling llmkit's float32 CPU
+# kernels (CI tests those); nothing on the CUDA path uses them.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LLMKIT_TEST_THREADS=4 LLMKIT_NATIVE=0
 
 nvidia-smi 2>&1 | tee "$out/nvidia-smi.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)

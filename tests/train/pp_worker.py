@@ -27,7 +27,9 @@ def main(schedule: str, n_micro: int, out: str) -> None:
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 64, (8, 17), generator=g)
-    x, y = batch[:, :-1], batch[:, 1:]
+    # contiguous: torch 2.11's pipelining checks input strides against the stage's, and a [:, :-1] slice has a row
+    # stride of T + 1
+    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     names = {id(p): n for n, p in model.named_parameters()}
 
     ref_losses, ref = [], {}
