@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench compat clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ bench: $(STAMP)
 	$(PY) bench/adapt.py
 	$(PY) bench/eval.py --n 40
 	$(PY) bench/serve.py
+
+# The training tests under another torch release, e.g. the GPU machine's 2.11 before a GPU run:
+# `make compat TORCH=2.11.0` (a throwaway venv; PyPI's x86-64 torch is a CUDA build, about 5 GB).
+TORCH ?= 2.11.0
+COMPAT := /tmp/llmkit-torch-$(TORCH)
+compat:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q torch==$(TORCH) pytest transformers $$($(PYTHON) -c "import re, tomllib; \
+	  d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	  print(' '.join(x for x in d if re.split('[<>=!~ ]', x)[0] != 'torch'))")
+	PYTHONPATH=$(CURDIR) TORCH_EXTENSIONS_DIR=$(COMPAT)/ext $(COMPAT)/bin/python -m pytest -q -p no:logging tests/train
 
 clean:
 	rm -rf $(VENV) build *.egg-info
