@@ -42,8 +42,10 @@ def measured_peak_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024,
     a = torch.randn(n, n, dtype=dt, device=device)
     b = torch.randn(n, n, dtype=dt, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a @ b
-    sync()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:  # warm-up: an idle GPU's clocks ramp up over the first products
+        a @ b
+        sync()
     reps, t0 = 0, time.perf_counter()
     while True:
         a @ b
