@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LLMKIT_TEST
 nvidia-smi 2>&1 | tee "$out/nvidia-smi.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)
 assert torch.cuda.is_available(), 'no CUDA device visible to torch: the CUDA tests would only skip'" || exit 1
-timeout 240 $py -m pytest -q -rs tests/train/test_trainer.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+timeout 270 $py -m pytest -q -rs tests/train/test_trainer.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
 tests=$?
 timeout 300 $py bench/pretrain.py --only gpu 2>&1 | tee "$out/gpu_bench.log"
 bench=$?
