@@ -263,14 +263,17 @@ def test_activations_past_the_saved_score_limit(dtype, monkeypatch):
     monkeypatch.setattr(attention, "MAX_SAVED_SCORE_BYTES", 16)
     est, _ = _check("llama", dtype)
     _check("gpt2", dtype)
-    assert est < with_probs
+    if dtype == "bf16" or _native():  # the paths that keep the probabilities below the limit
+        assert est < with_probs
+    else:  # float32 without the native kernels takes SDPA at every size
+        assert est == with_probs
 
 
 def test_activation_scaling_and_parallel_division():
     cfg = tiny_cfg(n_layers=4)
     one = estimate_memory(cfg, micro_batch=2, seq_len=16, native=_native())["activations"]
-    assert estimate_memory(cfg, micro_batch=4, seq_len=16)["activations"] > 1.9 * one  # ~linear in the batch
-    assert estimate_memory(cfg, micro_batch=2, seq_len=16, tp=2)["activations"] < one
+    assert estimate_memory(cfg, micro_batch=4, seq_len=16, native=_native())["activations"] > 1.9 * one  # ~linear
+    assert estimate_memory(cfg, micro_batch=2, seq_len=16, tp=2, native=_native())["activations"] < one
     # 1F1B: the first of 2 stages holds 2 micro-batches of its 2 layers (one block measured as 4 layers - 3 layers)
     block = _saved_bytes(cfg, 2, 16) - _saved_bytes(tiny_cfg(n_layers=3), 2, 16)
     two_stages = estimate_memory(cfg, micro_batch=2, seq_len=16, pp=2, native=_native())["activations"]

@@ -64,9 +64,14 @@ def _clip_and_step(clip, optimizer="adamw", torch_path=False, monkeypatch=None):
 def test_global_norm_clipping(monkeypatch):
     """The reported norm is the one before clipping and the step equals torch's clip_grad_norm_ followed by the
     optimizer: the fused AdamW takes the factor in its own pass (grads untouched by `_clip`), others scale them."""
+    from llmkit.model.layers import native_ext
+
     raw, reported, after, fast, before = _clip_and_step(0.05)
     assert raw > 0.05 and reported == pytest.approx(raw, rel=1e-5)
-    assert after == pytest.approx(raw, rel=1e-6)  # deferred to the fused AdamW
+    if native_ext() is not None:  # the native norm pass: the factor is deferred to the fused AdamW
+        assert after == pytest.approx(raw, rel=1e-6)
+    else:  # no native kernels (LLMKIT_NATIVE=0, no compiler): torch's clip_grad_norm_ scaled them
+        assert after == pytest.approx(0.05, rel=1e-4)
     raw_r, reported_r, after_r, ref, _ = _clip_and_step(0.05, torch_path=True, monkeypatch=monkeypatch)
     assert raw_r == raw and reported_r == pytest.approx(raw, rel=1e-5) and after_r == pytest.approx(0.05, rel=1e-4)
     assert max(float((fast[n] - before[n]).abs().max()) for n in before) > 1e-3  # the step moved the weights
