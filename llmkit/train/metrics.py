@@ -46,14 +46,18 @@ def measured_peak_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024,
     while time.perf_counter() - t0 < seconds / 2:  # warm-up: an idle GPU's clocks ramp up over the first products
         a @ b
         sync()
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        reps += 1
-        sync()
-        dt_s = time.perf_counter() - t0
-        if dt_s > seconds:
-            return 2.0 * n**3 * reps / dt_s
+    best = 0.0
+    for _ in range(5):  # the best of five windows: a peak, not an average over a shared machine's stalls
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            sync()
+            dt_s = time.perf_counter() - t0
+            if dt_s > seconds / 5:
+                break
+        best = max(best, 2.0 * n**3 * reps / dt_s)
+    return best
 
 
 class MetricsLogger:
