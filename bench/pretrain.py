@@ -18,6 +18,7 @@
     caches are reset in between so each size gets static shapes), vocabulary padded to 50304
     like nanoGPT's and llm.c's runs. MFU is reported against the GPU's nominal dense bf16 peak (989 TFLOP/s for
     H100/H200 SXM) and against a measured 8192^3 bf16 matmul. Target: >= 45% on an H100/H200-class GPU.
+    After each size, torch.profiler's table of 3 more steps by kernel time says where the step goes.
     `bench/gpu_check.sh` runs it after the CUDA tests. `--gpu-device cpu --gpu-layers 2 --gpu-seq 64 --gpu-batch 2
     --no-compile` runs the same code as a smoke test.
 Usage: .venv/bin/python bench/pretrain.py [--only quality|throughput|gpu] [--threads 2]
@@ -383,11 +384,31 @@ def gpu(args) -> list[dict]:
                                                                  f"(target >= 45%)" if nominal else "")
               + (f"; peak memory {out['peak_mem_gib']:.1f} GiB" if cuda else ""), flush=True)
         results.append(out)
+        if args.gpu_profile:
+            try:
+                print(_profile_table(step, args.gpu_profile, cuda), flush=True)
+            except Exception as e:  # a profiler that cannot start here must not cost the measurements
+                print(f"gpu: no profile ({type(e).__name__}: {e})", flush=True)
         del tr, batches
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     return results
+
+
+def _profile_table(step, n: int, cuda: bool, rows: int = 25) -> str:
+    """Where a step's time goes: torch.profiler over `n` steps after the timed ones, the kernels by device time
+    (CPU ops on the smoke run), so one GPU run that misses its MFU target also says what to work on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return f"gpu: profile of {n} steps, by {key}:\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def main() -> None:
@@ -413,6 +434,8 @@ def main() -> None:
     ap.add_argument("--gpu-warmup", type=int, default=5, help="(c): untimed steps (compilation)")
     ap.add_argument("--gpu-steps", type=int, default=20, help="(c): timed steps")
     ap.add_argument("--no-compile", action="store_true", help="(c): skip torch.compile")
+    ap.add_argument("--gpu-profile", type=int, default=3,
+                    help="(c): steps profiled after the timed ones, for a table of the kernels' time (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in (None, "quality"):

@@ -16,13 +16,15 @@ def test_gpu_bench_runs_on_cpu(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = argparse.Namespace(gpu_device="cpu", gpu_seq=32, gpu_batch="1,2", gpu_vocab=256, gpu_layers=1,
-                              gpu_warmup=1, gpu_steps=2, no_compile=True)
+                              gpu_warmup=1, gpu_steps=2, no_compile=True, gpu_profile=1)
     out = bench.gpu(args)
     assert [r["batch"] for r in out] == [1, 2]
     for r in out:
         assert r["tok_s"] > 0 and math.isfinite(r["mfu_measured"]) and 0 < r["mfu_measured"]
         assert r["flops_per_token"] > 6 * r["params"] * 0.5
-    assert capsys.readouterr().out.count("gpu: B=") == 2
+    printed = capsys.readouterr().out
+    assert printed.count("gpu: B=") == 2 and printed.count("gpu: profile of 1 steps") == 2
+    assert "aten::mm" in printed or "aten::addmm" in printed  # the profile table names the matmuls
 
 
 def test_gpu_check_script_parses_and_refuses_without_cuda(tmp_path):
