@@ -33,10 +33,9 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .objectives import IGNORE
+from .objectives import cross_entropy
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -89,14 +88,9 @@ def make_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (labels already shifted; -100 ignored), plus PaLM's
-    z-loss z * mean(log Z^2) over the target positions when z_loss > 0 (as `objectives.cross_entropy`)."""
-    flat, y = logits.float().flatten(0, 1), labels.flatten()
-    loss = F.cross_entropy(flat, y, ignore_index=IGNORE)
-    if z_loss:
-        valid = y != IGNORE
-        loss = loss + z_loss * (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum() / valid.sum().clamp(min=1)
-    return loss
+    """The last stage's loss: `objectives.cross_entropy` (mean next-token CE over labels != -100, float32, plus
+    PaLM's z-loss when z_loss > 0) in the (output, target) form that torch's pipeline schedules call."""
+    return cross_entropy(logits, labels, z_loss)[0]
 
 
 def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device: torch.device | str,
