@@ -75,13 +75,19 @@ def build_mesh(info: DistInfo, tp: int = 1):
     return init_device_mesh(info.device.type, (info.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
+def by_mesh(tensors) -> list[list[torch.Tensor]]:
+    """`tensors` grouped by DTensor mesh (plain tensors in one group of their own), in first-seen order: torch's
+    fused and foreach kernels take one kind of tensor on one mesh per call."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
+    return list(groups.values())
+
+
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm (float64) of gradients that may be DTensors on different meshes and plain tensors: each
     mesh's norm is reduced over its shards (`full_tensor`), plain tensors count once, and the parts combine."""
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
-    parts = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
+    parts = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh(grads)]
     parts = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in parts]
     if not parts:
         return torch.zeros((), dtype=torch.float64)
@@ -93,8 +99,8 @@ def scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float
     only below 1; a NaN / inf norm scales by NaN / 0 as torch does); returns `norm`."""
     coef = max_norm / (float(norm) + 1e-6)
     if not coef >= 1.0:
-        for g in grads:  # (one tensor at a time: DTensors on different meshes cannot share a foreach call)
-            g.mul_(coef)
+        for gs in by_mesh(grads):
+            torch._foreach_mul_(gs, coef)
     return norm
 
 
@@ -251,12 +257,10 @@ class TorchDist:
 
         torch's clip_grad_norm_ takes one kind of gradient on one mesh. Tensor parallelism leaves embeddings,
         norms and head as plain tensors (the same on every rank), and FSDP2 + TP puts the TP'd matrices on the
-        2-D (dp, tp) mesh and the rest on the dp mesh: there each group's norm is taken apart and combined."""
-        live = [p for p in (self.model.parameters() if self.model is not None else params) if p.grad is not None]
-        if len({getattr(p.grad, "device_mesh", None) for p in live}) == 1:
-            norm = torch.nn.utils.clip_grad_norm_(live, max_norm)
-            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        grads = [p.grad for p in live]
+        2-D (dp, tp) mesh and the rest on the dp mesh. So each mesh's norm is taken apart and combined, and each
+        mesh's gradients are scaled in one foreach call (on every layout: one mesh is the simple case)."""
+        live = self.model.parameters() if self.model is not None else params
+        grads = [p.grad for p in live if p.grad is not None]
         return scale_to_norm(grads, total_norm(grads).float(), max_norm)
 
     def model_state_dict(self, model: nn.Module) -> dict:

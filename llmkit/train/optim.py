@@ -199,12 +199,12 @@ def split_sharded(groups: list[dict]) -> list[dict]:
     leaves the embeddings, norms and head as plain tensors beside the DTensor shards, and FSDP2 + TP puts the
     TP'd matrices on the 2-D (dp, tp) mesh and the rest on the dp mesh, so such a group is split by mesh (same
     hyperparameters); groups of one kind stay as they are."""
+    from .distributed import by_mesh
+
     out = []
     for g in groups:
-        by_mesh: dict = {}
-        for p in g["params"]:
-            by_mesh.setdefault(getattr(p, "device_mesh", None), []).append(p)
-        out += [g] if len(by_mesh) == 1 else [{**g, "params": ps} for ps in by_mesh.values()]
+        parts = by_mesh(g["params"])
+        out += [g] if len(parts) == 1 else [{**g, "params": ps} for ps in parts]
     return out
 
 
