@@ -42,23 +42,18 @@ def measured_peak_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024,
     a = torch.randn(n, n, dtype=dt, device=device)
     b = torch.randn(n, n, dtype=dt, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2:  # warm-up: an idle GPU's clocks ramp up over the first products
-        a @ b
-        sync()
-    best = 0.0
-    for _ in range(5):  # the best of five windows: a peak, not an average over a shared machine's stalls
-        reps, t0 = 0, time.perf_counter()
-        while True:
-            a @ b
-            reps += 1
-            sync()
-            dt_s = time.perf_counter() - t0
-            if dt_s > seconds / 5:
-                break
-        best = max(best, 2.0 * n**3 * reps / dt_s)
-    return best
 
+    def products_per_s(window: float) -> float:
+        reps, t0 = 0, time.perf_counter()
+        while (dt_s := time.perf_counter() - t0) <= window or reps == 0:
+            a @ b
+            sync()
+            reps += 1
+        return reps / dt_s
+
+    products_per_s(seconds / 2)  # warm-up: an idle GPU's clocks ramp up over the first products
+    # the best of five windows: a peak, not an average over a shared machine's stalls
+    return 2.0 * n**3 * max(products_per_s(seconds / 5) for _ in range(5))
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path | None, tensorboard: bool = True, wandb: bool = False,
