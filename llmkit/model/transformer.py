@@ -184,7 +184,11 @@ class Transformer(nn.Module):
         encoder_attn_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ):
+        """Logits [B, T, V]; with `return_hidden`, the final hidden states [B, T, d]; with `labels` (the targets of
+        each position, -100 = no loss), the training loss as `(loss, metrics)` (`loss`)."""
         cfg = self.cfg
         B, T = input_ids.shape[:2]  # (a later pipeline stage gets the previous stage's hidden states [B, T, d])
         dev = input_ids.device
@@ -244,9 +248,39 @@ class Transformer(nn.Module):
         if not self.final_stage:
             return self._finish(x, delta, None)
         x = self._finish(x, delta, self.norm)
+        if labels is not None:
+            return self.loss(x, labels, z_loss)
         if return_hidden:
             return x
         return self.project(x)
+
+    @torch.compiler.disable  # the chunked loop and its native kernels run eagerly (a graph break under compile)
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """(loss, metrics) of the final hidden states: the mean cross-entropy over labels != -100 plus the PaLM
+        z-loss (`llmkit.train.objectives.cross_entropy`). With a plain head weight (`fused_head_weight`) the
+        projection and the loss are fused chunk by chunk and the logits are never materialised
+        (`llmkit.train.fused_loss`). It runs inside `forward` (`labels=`), so DDP's and FSDP2's hooks see the head
+        used in the forward: under FSDP2 the head's weight is the gathered tensor there."""
+        from ..train.objectives import cross_entropy
+
+        w = self.fused_head_weight()
+        if w is None:
+            return cross_entropy(self.project(hidden), labels, z_loss)
+        from ..train.fused_loss import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, w, labels, z_loss)
+
+    def fused_head_weight(self) -> torch.Tensor | None:
+        """The output weight when the projection can be fused with the loss: a plain `nn.Linear` head (or tied
+        embedding) whose weight is an ordinary tensor, without a logit soft-cap. None for a LoRA or quantised
+        head (its module must run), a head that is its own FSDP2 unit or a tensor-parallel DTensor."""
+        if self.cfg.logit_softcap is not None:
+            return None
+        if self.lm_head is not None:
+            w = self.lm_head.weight if type(self.lm_head) is nn.Linear else None
+        else:
+            w = self.embed.weight if type(self.embed) is nn.Embedding else None
+        return w if type(w) in (torch.Tensor, nn.Parameter) else None
 
     def _block(self, blk: Block, x: torch.Tensor, ctx: dict, delta: torch.Tensor | None):
         """(residual stream, its pending branch) after one block (see `Block.forward`)."""

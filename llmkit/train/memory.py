@@ -45,9 +45,10 @@ What is exact and what is approximate:
                                         weights), + RoPE's half-width bf16 cos/sin for q and k (4*B*T*hd bytes)
   and once per forward: the token ids (8*N, int64), learned positions (8*T), RoPE's float32 cos/sin (2 * 4*B*T*hd,
   shared by all blocks in float32), the final norm, and the loss: the fused output projection + cross-entropy
-  of `fused_loss` (a single unwrapped model: dp = pp = 1) keeps its float32 gradients w.r.t. the hidden states
-  and the head (4*N*d + 4*V*d); wrapped models (DDP / FSDP2, and pipeline stages) materialise the logits and
-  keep the head's input, its bf16 weight copy under autocast, the float32 log-softmax (4*N*V) and the labels.
+  of `fused_loss` (the model's own forward, plain or under DDP / FSDP2 / TP: pp = 1) keeps its float32
+  gradients w.r.t. the hidden states and the head (4*N*d + 4*V*d); the last pipeline stage materialises the
+  logits and keeps the head's input, its bf16 weight copy under autocast, the float32 log-softmax (4*N*V) and
+  the labels.
   With activation checkpointing (`trainer.apply_activation_checkpointing`) a block keeps only its inputs (the
   float32 residual and the pending branch, c bytes) and the shared RoPE tables, and the backward recomputes one
   block at a time: one block's activations are added as the peak. Pipeline stages (`llmkit.train.pipeline`)
@@ -260,13 +261,13 @@ class _Act:
 def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: str = "fp32",
                     optimizer: str = "adamw", dp: int = 1, tp: int = 1, pp: int = 1, shard: str = "none",
                     activation_checkpointing: bool = False, device: str = "cpu", native: bool = True,
-                    beta1: float = 0.9) -> dict:
+                    beta1: float = 0.9, stage: int | None = None) -> dict:
     """Bytes on the largest rank: {'params', 'grads', 'optimizer', 'activations', 'total'} (see the module docstring).
 
     dtype: the Trainer's autocast dtype (fp32 | bf16 | fp16); optimizer: TrainConfig.optimizer; beta1:
     TrainConfig.betas[0] (SGD momentum, Adafactor's first moment); shard: "none" (replicated, DDP) or "fsdp"
     (FSDP2 / ZeRO-3 over dp); device: "cpu" or "cuda"; native: llmkit's native float32 CPU kernels are built
-    and on (the default). With pp > 1 the largest pipeline stage is reported."""
+    and on (the default). With pp > 1 the largest pipeline stage is reported, or pipeline stage `stage` when given."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is unknown; choose one of {list(DTYPES)}")
     if optimizer not in OPTIMIZERS:
@@ -296,9 +297,11 @@ def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: 
         for st in stages:
             st["grads"] *= 2
 
-    # a single unwrapped Transformer takes the fused head + loss (objectives.fused_head); DDP / FSDP2 wrappers
-    # and pipeline stages do not
-    fused = pp == 1 and dp == 1 and (shard == "none" or tp == 1)
+    if stage is not None and not 0 <= stage < pp:
+        raise ValueError(f"stage={stage} is not one of the {pp} pipeline stages")
+    # the model's forward fuses the head with the loss (`Transformer.loss`), also under DDP, FSDP2 and TP; the last
+    # pipeline stage instead hands its logits to the schedule's loss
+    fused = pp == 1
     act = _Act(cfg, micro_batch, seq_len, dtype, device, native, tp, fused)
     per_block = act.block()
     for s, st in enumerate(stages):
@@ -313,4 +316,4 @@ def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: 
             peak = 0
         st["activations"] = (pp - s) * kept + peak  # 1F1B: stage s holds pp - s micro-batches
         st["total"] = st["params"] + st["grads"] + st["optimizer"] + st["activations"]
-    return max(stages, key=lambda st: st["total"])
+    return stages[stage] if stage is not None else max(stages, key=lambda st: st["total"])

@@ -12,8 +12,8 @@ A batch is a dict of tensors. Conventions every objective and collator in llmkit
 Implements:
 - `lm_loss(model, batch, z_loss=0)`: shifted cross-entropy over the valid targets plus the PaLM
   z-loss (coef * log(Z)^2) and the MoE auxiliary loss; returns (loss, metrics). It serves causal LM,
-  prefix LM, span corruption and UL2 alike, since they differ only in how the batch is built. On a
-  plain `Transformer` the output projection and the loss are fused (`fused_loss`);
+  prefix LM, span corruption and UL2 alike, since they differ only in how the batch is built. An llmkit
+  `Transformer`, wrapped or not, computes it in its forward with the output projection fused (`fused_loss`);
 - `document_mask(input_ids, eos_id)`: document-aware masking for packed sequences (each token
   attends within its own document; positions restart at every document) [Llama 3, §3.2];
 - `prefix_lm_batch(tokens, prefix_len)`: the prefix-LM view of a sequence (no loss on the prefix);
@@ -54,29 +54,30 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.
     return ce, metrics
 
 
-def fused_head(model):
-    """The output weight when the projection and the loss can be fused (`fused_loss`): a plain llmkit
-    `Transformer` (possibly compiled; not wrapped by DDP/FSDP, no logit soft-cap) whose weight is an ordinary tensor."""
+def transformer_of(model):
+    """The llmkit `Transformer` inside `model` (itself, or wrapped by torch.compile and/or DDP; FSDP2 keeps the
+    module, as a subclass), else None."""
     from ..model.transformer import Transformer
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the weight is the same tensor
-    if type(model) is not Transformer or model.cfg.logit_softcap is not None:
-        return None
-    w = model.lm_head.weight if model.lm_head is not None else model.embed.weight
-    return w if type(w) in (torch.Tensor, torch.nn.Parameter) else None
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    model = getattr(model, "module", model)  # DDP's
+    return model if isinstance(model, Transformer) else None
 
 
 def lm_loss(model, batch: dict, z_loss: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Language-modelling loss for any batch that follows the conventions above."""
-    w = fused_head(model)
-    if w is not None:  # projection + CE chunk by chunk, never materialising the logits
-        from .fused_loss import linear_cross_entropy
+    """Language-modelling loss for any batch that follows the conventions above.
 
-        loss, metrics = linear_cross_entropy(forward(model, batch, return_hidden=True), w, batch["labels"], z_loss)
+    An llmkit `Transformer` (also under DDP, FSDP2 or torch.compile) computes it inside its forward
+    (`Transformer.loss`: the output projection fused with the loss, never materialising the logits, when the
+    head allows); any other model returns logits and gets `cross_entropy`."""
+    core = transformer_of(model)
+    if core is not None and core.final_stage:
+        loss, metrics = forward(model, batch, labels=batch["labels"], z_loss=z_loss)
     else:
         loss, metrics = cross_entropy(forward(model, batch), batch["labels"], z_loss)
-    aux = getattr(model, "aux_loss", None)
-    if callable(aux) and getattr(getattr(model, "cfg", None), "n_experts", 0):
+    inner = core if core is not None else model  # (DDP does not forward attributes)
+    aux = getattr(inner, "aux_loss", None)
+    if callable(aux) and getattr(getattr(inner, "cfg", None), "n_experts", 0):
         a = aux()
         metrics["moe_aux"] = a.detach()
         loss = loss + a

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import torch
 
+import llmkit.train.fused_loss as fused_loss
 from llmkit.data.shards import BatchLoader, TokenDataset
 from llmkit.model import ModelConfig, Transformer
 from llmkit.train.config import TrainConfig
@@ -15,6 +16,9 @@ from llmkit.train.trainer import Trainer
 
 def main(strategy: str, out: str) -> None:
     torch.set_num_threads(1)
+    fused = []  # calls of the fused head + loss (`Transformer.loss` imports it at call time)
+    plain_lce = fused_loss.linear_cross_entropy
+    fused_loss.linear_cross_entropy = lambda *a, **kw: (fused.append(1), plain_lce(*a, **kw))[1]
     # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it)
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
@@ -42,8 +46,8 @@ def main(strategy: str, out: str) -> None:
     trainer.fit(resume=False)
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
     if (dist is None or dist.rank == 0):
-        json.dump({"losses": losses, "tokens": tokens, "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}},
-                  open(out, "w"))
+        json.dump({"losses": losses, "tokens": tokens, "fused": len(fused),
+                   "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
     if dist is not None:
         dist.barrier()
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.train.fused_loss import linear_cross_entropy
-from llmkit.train.objectives import cross_entropy, fused_head, lm_loss
+from llmkit.train.objectives import cross_entropy, lm_loss
 
 
 def _reference(h, w, y, z):
@@ -54,13 +54,58 @@ def test_lm_loss_fused_path_equals_logits_path(tie):
                       activation="swiglu", norm="rmsnorm", tie_embeddings=tie)
     torch.manual_seed(0)
     model = Transformer(cfg).double()
-    assert fused_head(model) is not None
+    assert model.fused_head_weight() is not None
     x = torch.randint(0, 97, (3, 17))
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     loss, _ = lm_loss(model, batch, z_loss=1e-4)
+    assert type(loss.grad_fn).__name__ == "LinearCrossEntropyBackward"
     grads = torch.autograd.grad(loss, list(model.parameters()))
     ref, _ = cross_entropy(model(batch["input_ids"]), batch["labels"], 1e-4)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(loss, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_a_lora_head_runs_its_module_not_the_fused_base_weight():
+    """LoRA on lm_head: the fused loss would read the frozen base weight and leave the adapter without gradient;
+    the head's module runs instead, and the loss equals the logits path."""
+    from llmkit.adapt.peft import apply_lora
+    from llmkit.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4, max_seq_len=16,
+                                    tie_embeddings=False)).double()
+    apply_lora(model, r=4, targets=("lm_head",))
+    torch.nn.init.normal_(model.lm_head.lora_B.weight)  # a non-zero adapter: it changes the loss
+    assert model.fused_head_weight() is None
+    x = torch.randint(0, 97, (2, 9))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+    loss, _ = lm_loss(model, batch)
+    torch.testing.assert_close(loss, cross_entropy(model(batch["input_ids"]), batch["labels"])[0])
+    loss.backward()
+    assert model.lm_head.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_moe_aux_loss_is_added_through_a_ddp_style_wrapper():
+    """DDP exposes the model as `.module` and forwards no attributes: the MoE auxiliary loss is still added."""
+    from llmkit.model import ModelConfig, Transformer
+
+    class Wrapper(torch.nn.Module):  # DDP's shape: `.module`, forward delegates
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def forward(self, *a, **kw):
+            return self.module(*a, **kw)
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, n_experts=4,
+                                    moe_top_k=2))
+    x = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+    plain, pm = lm_loss(model, batch)
+    wrapped, wm = lm_loss(Wrapper(model), batch)
+    assert "moe_aux" in pm and "moe_aux" in wm
+    torch.testing.assert_close(wrapped, plain)
+    torch.testing.assert_close(wrapped, wm["ce"] + wm["moe_aux"])

@@ -12,6 +12,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.train.memory import estimate_memory, validate_layout
 from llmkit.train.objectives import lm_loss
+from llmkit.train.pipeline import lm_loss as pipeline_lm_loss, make_stage
 from llmkit.train.trainer import Trainer, apply_activation_checkpointing
 from tests.train.conftest import loaders, tiny_cfg, tiny_model, train_cfg
 
@@ -135,7 +136,7 @@ def test_pipeline_reports_the_largest_stage():
 
 # ---------------------------------------------------------------------------------------------- activations
 class _Wrapped(nn.Module):
-    """A wrapper like DDP's: `lm_loss` then takes the plain logits + cross-entropy path (no fused head)."""
+    """A wrapper like DDP's (`.module`, a delegating forward): the model still computes its fused loss in forward."""
 
     def __init__(self, model):
         super().__init__()
@@ -145,13 +146,16 @@ class _Wrapped(nn.Module):
         return self.module(*a, **kw)
 
 
-def _saved_bytes(cfg: ModelConfig, B: int, T: int, dtype=None, ckpt=False, wrapped=False) -> int:
+def _saved_bytes(cfg: ModelConfig, B: int, T: int, dtype=None, ckpt=False, wrapped=False, last_stage=False) -> int:
     """Unique storage bytes autograd saves for the backward in one forward + lm_loss (parameters excluded: they are
     counted as params). With activation checkpointing, torch's non-reentrant checkpoint saves the tensor inputs
     of each block through the same hooks, and keeps the rest of its arguments (the `ctx` dict: RoPE tables) for
-    the recomputation: those are added from a wrapper around each checkpointed block."""
+    the recomputation: those are added from a wrapper around each checkpointed block. `last_stage`: the last of
+    two pipeline stages (`make_stage`) on hidden states from the first, with the schedule's logits loss."""
     torch.manual_seed(0)
     model = Transformer(cfg)
+    if last_stage:
+        make_stage(model, 1, 2)
     if ckpt:
         apply_activation_checkpointing(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -177,7 +181,10 @@ def _saved_bytes(cfg: ModelConfig, B: int, T: int, dtype=None, ckpt=False, wrapp
     batch = {"input_ids": ids, "labels": torch.randint(0, cfg.vocab_size, (B, T))}
     cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(add, lambda t: t), cast:
-        lm_loss(_Wrapped(model) if wrapped else model, batch)
+        if last_stage:  # the stage's input: the first stage's float32 hidden states, received as a leaf
+            pipeline_lm_loss(model(torch.randn(B, T, cfg.d_model, requires_grad=True)), batch["labels"])
+        else:
+            lm_loss(_Wrapped(model) if wrapped else model, batch)
     return sum(seen.values())
 
 
@@ -239,12 +246,25 @@ def test_activation_checkpointing_keeps_block_inputs_plus_one_block(name, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_wrapped_model_keeps_logits_path(dtype):
-    """DDP (dp > 1) wraps the model: the loss materialises the logits and keeps the float32 log-softmax."""
-    _, wrapped = _check("gpt2-relu-untied", dtype, wrapped=True)
-    _, plain = _check("gpt2-relu-untied", dtype)
-    assert wrapped != plain  # the two loss paths keep different tensors
+def test_wrapped_model_keeps_the_fused_head(dtype):
+    """DDP (dp > 1) wraps the model, whose forward still fuses the head with the loss: nothing more is kept."""
+    est, wrapped = _check("gpt2-relu-untied", dtype, wrapped=True)
+    assert (est, wrapped) == _check("gpt2-relu-untied", dtype)
     _check("llama", dtype, wrapped=True)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["llama", "gpt2-relu-untied"])
+def test_last_pipeline_stage_keeps_the_logits_path(name, dtype):
+    """The last pipeline stage hands its logits to the schedule's loss: it keeps the float32 log-softmax."""
+    cfg, B, T = CONFIGS[name]
+    meas = _saved_bytes(cfg, B, T, DTYPES[dtype], last_stage=True)
+    est = estimate_memory(cfg, micro_batch=B, seq_len=T, dtype=dtype, pp=2, stage=1, native=_native())
+    assert abs(est["activations"] - meas) <= 0.10 * meas, (est["activations"], meas)
+    V, N = cfg.vocab_size, B * T
+    assert meas >= 4 * N * V  # the float32 log-softmax
+    with pytest.raises(ValueError, match="stage=2"):
+        estimate_memory(cfg, micro_batch=B, seq_len=T, pp=2, stage=2)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
