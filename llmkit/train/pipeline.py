@@ -19,9 +19,9 @@ Implements:
   mesh (3-D parallelism), with global-norm clipping across stages and shards, evaluation, and checkpoints
   that hold the whole model and resume.
 
-The schedules average the per-micro-batch losses (`scale_grads`), so a pipelined step equals one step on
-the whole batch when every micro-batch has the same number of target tokens (packed pre-training batches
-do; `Trainer` instead weights micro-batches by their token counts). Tied input/output embeddings (the
+The schedules average the per-micro-batch losses (`scale_grads`); `PipelineDist` weights each micro-batch's
+loss by its share of the step's target tokens first, so a pipelined step equals one step on the whole batch
+also when labels are masked unevenly (prefix LM, SFT-style -100 spans), as `Trainer` weights accumulation. Tied input/output embeddings (the
 first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
 would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
 directly; 2 stages and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with 2 x 2 x 2,
@@ -29,13 +29,11 @@ resume included.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .objectives import cross_entropy
+from .objectives import IGNORE, cross_entropy
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -93,6 +91,18 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
     return cross_entropy(logits, labels, z_loss)[0]
 
 
+class _TokenWeightedLoss:
+    """`lm_loss` of one micro-batch times m * n_i / N (n_i its target tokens, N the step's; `scale` = m / N is set
+    before each step): the schedules average their m micro-batch losses (`scale_grads`), which then gives the mean
+    over the step's target tokens, whatever their split between micro-batches."""
+
+    def __init__(self, z_loss: float):
+        self.z_loss, self.scale = z_loss, 1.0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lm_loss(output, target, self.z_loss) * ((target != IGNORE).sum() * self.scale)
+
+
 def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device: torch.device | str,
                       n_microbatches: int, loss_fn=lm_loss, schedule: str = "1f1b", group=None):
     """The schedule that runs this process's stage: call `.step(input_ids)` on the first stage,
@@ -117,8 +127,8 @@ class PipelineDist:
 
     A step's micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
     pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
-    number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage, averaged over the
-    micro-batches, broadcast along the pipeline and averaged over the data-parallel ranks. Clipping takes the
+    number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage over the step's target
+    tokens (micro-batches weighted by their token counts), broadcast along the pipeline and averaged over the data-parallel ranks. Clipping takes the
     global norm over all stages and shards. Checkpoints hold the whole model under its usual parameter names
     (rank 0 writes them; `llmkit.load` reads them like any other) and the optimizer state keyed by those
     names, so a run resumes on the same layout. Refused with it: a custom loss function, fp16 (the schedule
@@ -179,18 +189,21 @@ class PipelineDist:
 
     # ------------------------------------------------------------------ steps
     def pipeline_step(self, model: nn.Module, batches: list[dict], z_loss: float = 0.0) -> torch.Tensor:
-        """Forward and backward of one optimizer step's micro-batches through the pipeline; the mean loss."""
+        """Forward and backward of one optimizer step's micro-batches through the pipeline; the loss over the
+        step's target tokens (micro-batches weighted by their token counts, as `Trainer` weights accumulation)."""
         m = len(batches)
         if (m, z_loss) not in self._schedules:
-            self._schedules[(m, z_loss)] = pipeline_schedule(model, self.stage, self.n_stages, self.device, m,
-                                                             partial(lm_loss, z_loss=z_loss), self.schedule,
-                                                             group=self.pp_group)
-        sched = self._schedules[(m, z_loss)]
+            loss_fn = _TokenWeightedLoss(z_loss)
+            self._schedules[(m, z_loss)] = loss_fn, pipeline_schedule(
+                model, self.stage, self.n_stages, self.device, m, loss_fn, self.schedule, group=self.pp_group)
+        loss_fn, sched = self._schedules[(m, z_loss)]
         losses: list = []
         if self.first:
             sched.step(torch.cat([b["input_ids"] for b in batches]))
         elif self.last:
-            sched.step(target=torch.cat([b["labels"] for b in batches]), losses=losses)
+            labels = torch.cat([b["labels"] for b in batches])
+            loss_fn.scale = m / max(int((labels != IGNORE).sum()), 1)
+            sched.step(target=labels, losses=losses)
         else:
             sched.step()
         return self._from_last(torch.stack(losses).mean().detach() if self.last else None)

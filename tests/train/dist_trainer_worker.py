@@ -14,12 +14,33 @@ from llmkit.train.pipeline import PipelineDist
 from llmkit.train.trainer import Trainer
 
 
+class MaskedLabels:
+    """Masks the first (5 * r) % 13 targets of the step's r-th sequence of 8 (-100, as prefix LM or SFT would), so
+    the micro-batches of a step hold unequal numbers of target tokens (for ranks that read the whole batch)."""
+
+    def __init__(self, loader):
+        self.loader, self.row = loader, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = next(self.loader)
+        labels = b["labels"].clone()
+        for i in range(labels.shape[0]):
+            labels[i, :(5 * ((self.row + i) % 8)) % 13] = -100
+        self.row += labels.shape[0]
+        return {**b, "labels": labels}
+
+
 def main(strategy: str, out: str) -> None:
     torch.set_num_threads(1)
     fused = []  # calls of the fused head + loss (`Transformer.loss` imports it at call time)
     plain_lce = fused_loss.linear_cross_entropy
     fused_loss.linear_cross_entropy = lambda *a, **kw: (fused.append(1), plain_lce(*a, **kw))[1]
-    # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it)
+    # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it);
+    # "<strategy>-masked": labels masked unevenly (both runs)
+    strategy, masked = strategy.removesuffix("-masked"), strategy.endswith("-masked")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -37,6 +58,8 @@ def main(strategy: str, out: str) -> None:
     # a pipeline step needs a micro-batch per stage at least (accumulation == one batch of 8)
     micro = {"pp": 4, "pp+dp+tp": 2}.get(strategy, 8 // world)
     loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world)
+    if masked:
+        loader = MaskedLabels(loader)
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,
                       activation_checkpointing=ac)

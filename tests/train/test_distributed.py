@@ -84,14 +84,16 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-masked"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
-    process (TP ranks share their batch: tokens are counted per data-parallel rank)."""
+    process (TP ranks share their batch: tokens are counted per data-parallel rank). "-masked": unevenly masked
+    labels, so the pipeline's micro-batches must be weighted by their target tokens."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
-    res = subprocess.run([sys.executable, str(worker), "none", str(single)], env=env, capture_output=True, text=True, timeout=240)
+    ref = "none-masked" if strategy.endswith("-masked") else "none"
+    res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
     # the 2 x 2 mesh (dp, tp), the 2 x 2 x 2 mesh (pp, dp, tp); "-ac": activation checkpointing
