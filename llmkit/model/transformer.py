@@ -188,7 +188,7 @@ class Transformer(nn.Module):
         z_loss: float = 0.0,
     ):
         """Logits [B, T, V]; with `return_hidden`, the final hidden states [B, T, d]; with `labels` (the targets of
-        each position, -100 = no loss), the training loss as `(loss, metrics)` (`loss`)."""
+        each position, -100 = no loss), the training loss as `(loss, metrics)` (`Transformer.loss`)."""
         cfg = self.cfg
         B, T = input_ids.shape[:2]  # (a later pipeline stage gets the previous stage's hidden states [B, T, d])
         dev = input_ids.device

@@ -21,9 +21,9 @@ Implements:
 
 The schedules average the per-micro-batch losses (`scale_grads`); `PipelineDist` weights each micro-batch's
 loss by its share of the step's target tokens first, so a pipelined step equals one step on the whole batch
-also when labels are masked unevenly (prefix LM, SFT-style -100 spans), as `Trainer` weights accumulation. Tied input/output embeddings (the
-first and last stage would share one weight), encoder-decoder models and MoE layers (their auxiliary loss
-would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
+also when labels are masked unevenly (-100 spans), as `Trainer` weights accumulation. Tied input/output
+embeddings (the first and last stage would share one weight), encoder-decoder models and MoE layers (their
+auxiliary loss would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
 directly; 2 stages and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with 2 x 2 x 2,
 resume included.
 """
@@ -128,11 +128,12 @@ class PipelineDist:
     A step's micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
     pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
     number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage over the step's target
-    tokens (micro-batches weighted by their token counts), broadcast along the pipeline and averaged over the data-parallel ranks. Clipping takes the
-    global norm over all stages and shards. Checkpoints hold the whole model under its usual parameter names
-    (rank 0 writes them; `llmkit.load` reads them like any other) and the optimizer state keyed by those
-    names, so a run resumes on the same layout. Refused with it: a custom loss function, fp16 (the schedule
-    calls backward itself, out of the loss scaler's reach) and torch.compile of the whole model.
+    tokens (micro-batches weighted by their token counts), broadcast along the pipeline and averaged over the
+    data-parallel ranks. Clipping takes the global norm over all stages and shards. Checkpoints hold the whole
+    model under its usual parameter names (rank 0 writes them; `llmkit.load` reads them like any other) and the
+    optimizer state keyed by those names, so a run resumes on the same layout. Refused with it: a custom loss
+    function, fp16 (the schedule calls backward itself, out of the loss scaler's reach) and torch.compile of the
+    whole model.
     """
 
     def __init__(self, schedule: str = "1f1b", dp: int = 1, tp: int = 1, info=None):

@@ -93,7 +93,8 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
     ref = "none-masked" if strategy.endswith("-masked") else "none"
-    res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True,
+                         timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
     # the 2 x 2 mesh (dp, tp), the 2 x 2 x 2 mesh (pp, dp, tp); "-ac": activation checkpointing
