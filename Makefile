@@ -38,7 +38,7 @@ TORCH ?= 2.11.0
 COMPAT := /tmp/llmkit-torch-$(TORCH)
 compat:
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/pip install -q torch==$(TORCH) pytest transformers $$($(PYTHON) -c "import re, tomllib; \
+	$(COMPAT)/bin/pip install -q torch==$(TORCH) pytest transformers tensorboard $$($(PYTHON) -c "import re, tomllib; \
 	  d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 	  print(' '.join(x for x in d if re.split('[<>=!~ ]', x)[0] != 'torch'))")
 	PYTHONPATH=$(CURDIR) TORCH_EXTENSIONS_DIR=$(COMPAT)/ext $(COMPAT)/bin/python -m pytest -q -p no:logging tests/train
