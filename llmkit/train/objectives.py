@@ -30,13 +30,19 @@ IGNORE = -100
 MODEL_KEYS = ("positions", "attn_mask", "prefix_len", "encoder_input_ids", "encoder_attn_mask")
 
 
-def forward(model, batch: dict, **extra) -> torch.Tensor:
-    """Run the model on a batch, passing only the optional inputs the batch carries."""
-    kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None} | extra
-    if "doc_ids" in batch and "attn_mask" not in kw:  # packed documents: attend only within one's own document
+def model_inputs(batch: dict) -> dict:
+    """The optional model inputs a batch carries, besides `input_ids` (packed `doc_ids` become a block-diagonal
+    `attn_mask`: each token attends only within its own document)."""
+    kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    if "doc_ids" in batch and "attn_mask" not in kw:
         d = batch["doc_ids"]
         kw["attn_mask"] = d[:, :, None] == d[:, None, :]
-    return model(batch["input_ids"], **kw)
+    return kw
+
+
+def forward(model, batch: dict, **extra) -> torch.Tensor:
+    """Run the model on a batch, passing only the optional inputs the batch carries."""
+    return model(batch["input_ids"], **model_inputs(batch), **extra)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, dict]:

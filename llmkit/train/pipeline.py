@@ -19,13 +19,16 @@ Implements:
   mesh (3-D parallelism), with global-norm clipping across stages and shards, evaluation, and checkpoints
   that hold the whole model and resume.
 
-The schedules average the per-micro-batch losses (`scale_grads`); `PipelineDist` weights each micro-batch's
-loss by its share of the step's target tokens first, so a pipelined step equals one step on the whole batch
-also when labels are masked unevenly (-100 spans), as `Trainer` weights accumulation. Tied input/output
-embeddings (the first and last stage would share one weight), encoder-decoder models and MoE layers (their
-auxiliary loss would have to travel between stages) are refused. Tested on gloo against one process: 2 and 3 stages
-directly; 2 stages and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with 2 x 2 x 2,
-resume included.
+Every stage takes the batch's other model inputs (document masks from `doc_ids`, positions, prefix lengths)
+from its own copy of the batch, as keyword arguments that the schedule splits into micro-batches like the ids:
+only hidden states travel between stages. The schedules average the per-micro-batch losses (`scale_grads`);
+`PipelineDist` weights each micro-batch's loss by its share of the step's target tokens first, so a pipelined
+step equals one step on the whole batch also when labels are masked unevenly (-100 spans, prefix LM), as
+`Trainer` weights accumulation. Tied input/output embeddings (the first and last stage would share one
+weight), encoder-decoder models and MoE layers (their auxiliary loss would have to travel between stages) are
+refused. Tested on gloo against one process: 2 and 3 stages directly; 2 stages (also with document masks and
+with prefix-LM batches) and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with
+2 x 2 x 2, resume included.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .objectives import IGNORE, cross_entropy
+from .objectives import IGNORE, cross_entropy, model_inputs
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -199,14 +202,18 @@ class PipelineDist:
                 model, self.stage, self.n_stages, self.device, m, loss_fn, self.schedule, group=self.pp_group)
         loss_fn, sched = self._schedules[(m, z_loss)]
         losses: list = []
+        # every stage takes the batch's other model inputs (document masks, positions, prefix lengths) from its own
+        # copy of the batch, as keyword arguments that the schedule splits into micro-batches like the ids
+        each = [model_inputs(b) for b in batches]
+        kw = {k: torch.cat([e[k] for e in each]) for k in each[0]}
         if self.first:
-            sched.step(torch.cat([b["input_ids"] for b in batches]))
+            sched.step(torch.cat([b["input_ids"] for b in batches]), **kw)
         elif self.last:
             labels = torch.cat([b["labels"] for b in batches])
             loss_fn.scale = m / max(int((labels != IGNORE).sum()), 1)
-            sched.step(target=labels, losses=losses)
+            sched.step(target=labels, losses=losses, **kw)
         else:
-            sched.step()
+            sched.step(**kw)
         return self._from_last(torch.stack(losses).mean().detach() if self.last else None)
 
     @torch.no_grad()
@@ -217,7 +224,7 @@ class PipelineDist:
         if not self.first:
             x = torch.empty(*ids.shape, model.cfg.d_model, dtype=next(model.parameters()).dtype, device=self.device)
             dist.recv(x, src=self.rank - self.per_stage)  # the previous stage's rank at the same (dp, tp) place
-        out = model(x)
+        out = model(x, **model_inputs(batch))
         if not self.last:
             dist.send(out.contiguous(), dst=self.rank + self.per_stage)
         return self._from_last(lm_loss(out, batch["labels"], z_loss) if self.last else None)

@@ -14,9 +14,10 @@ from llmkit.train.pipeline import PipelineDist
 from llmkit.train.trainer import Trainer
 
 
-class MaskedLabels:
-    """Masks the first (5 * r) % 13 targets of the step's r-th sequence of 8 (-100, as prefix LM or SFT would), so
-    the micro-batches of a step hold unequal numbers of target tokens (for ranks that read the whole batch)."""
+class PrefixLM:
+    """Prefix-LM batches: the first (5 * r) % 13 tokens of the step's r-th sequence of 8 are a bidirectional prefix
+    (`prefix_len`) without targets (-100), so the micro-batches of a step hold unequal numbers of target tokens
+    (for ranks that read the whole batch)."""
 
     def __init__(self, loader):
         self.loader, self.row = loader, 0
@@ -27,10 +28,11 @@ class MaskedLabels:
     def __next__(self) -> dict:
         b = next(self.loader)
         labels = b["labels"].clone()
-        for i in range(labels.shape[0]):
-            labels[i, :(5 * ((self.row + i) % 8)) % 13] = -100
+        prefix = torch.tensor([(5 * ((self.row + i) % 8)) % 13 for i in range(labels.shape[0])])
+        for i, n in enumerate(prefix.tolist()):
+            labels[i, :n] = -100
         self.row += labels.shape[0]
-        return {**b, "labels": labels}
+        return {**b, "labels": labels, "prefix_len": prefix}
 
 
 def main(strategy: str, out: str) -> None:
@@ -39,8 +41,10 @@ def main(strategy: str, out: str) -> None:
     plain_lce = fused_loss.linear_cross_entropy
     fused_loss.linear_cross_entropy = lambda *a, **kw: (fused.append(1), plain_lce(*a, **kw))[1]
     # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it);
-    # "<strategy>-masked": labels masked unevenly (both runs)
-    strategy, masked = strategy.removesuffix("-masked"), strategy.endswith("-masked")
+    # "<strategy>-prefix": prefix-LM batches; "<strategy>-docs": packed documents, each attending only within itself
+    # (both: also the single-process reference)
+    strategy, prefix = strategy.removesuffix("-prefix"), strategy.endswith("-prefix")
+    strategy, docs = strategy.removesuffix("-docs"), strategy.endswith("-docs")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -53,23 +57,27 @@ def main(strategy: str, out: str) -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))
     ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
-    ds = TokenDataset(arrays=[ids], doc_starts=np.array([0], np.int64), eos_id=0)
+    starts = np.arange(0, 4000, 11 if docs else 4000, dtype=np.int64)  # documents of 11 tokens: most rows hold 2-3
+    ds = TokenDataset(arrays=[ids], doc_starts=starts, eos_id=0)
     # global batch 8 sequences: one process takes 8 per step, each of two ranks 4 (disjoint slices)
     # a pipeline step needs a micro-batch per stage at least (accumulation == one batch of 8)
     micro = {"pp": 4, "pp+dp+tp": 2}.get(strategy, 8 // world)
-    loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world)
-    if masked:
-        loader = MaskedLabels(loader)
+    loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world, doc_info=docs)
+    if prefix:
+        loader = PrefixLM(loader)
+    # "-docs": a final validation on the same 8 sequences (one batch of 8, or a pipeline's two of 4), each stage
+    # taking the document mask (the loss is a mean over equally many targets per batch)
+    val = BatchLoader(ds, micro, 16, seed=1, rank=rank, world_size=world, doc_info=True) if docs else None
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,
-                      activation_checkpointing=ac)
+                      activation_checkpointing=ac, eval_batches=8 // micro)
     losses, tokens = [], []
-    trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist,
+    trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist, val_data=val,
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])
-    trainer.fit(resume=False)
+    final = trainer.fit(resume=False)
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
     if (dist is None or dist.rank == 0):
-        json.dump({"losses": losses, "tokens": tokens, "fused": len(fused),
+        json.dump({"losses": losses, "tokens": tokens, "fused": len(fused), "val_loss": final.get("val_loss"),
                    "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
     if dist is not None:
         dist.barrier()

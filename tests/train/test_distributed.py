@@ -84,15 +84,17 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-masked"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-prefix",
+                                      "pp-docs"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
-    process (TP ranks share their batch: tokens are counted per data-parallel rank). "-masked": unevenly masked
-    labels, so the pipeline's micro-batches must be weighted by their target tokens."""
+    process (TP ranks share their batch: tokens are counted per data-parallel rank). "-prefix": prefix-LM batches
+    (every stage takes the prefix lengths, and the pipeline's micro-batches, unevenly masked, are weighted by their
+    target tokens); "-docs": packed documents (every stage takes the document mask and positions)."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
-    ref = "none-masked" if strategy.endswith("-masked") else "none"
+    ref = "none" + next((s for s in ("-prefix", "-docs") if strategy.endswith(s)), "")
     res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True,
                          timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -107,6 +109,8 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     assert len(a["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], abs=2e-5)
     assert b["tokens"] == a["tokens"] == [8 * 16 * (i + 1) for i in range(4)]
+    assert (a["val_loss"] is not None) == strategy.endswith("-docs")
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=2e-5)
     # the model's forward fuses the head with the loss under DDP, FSDP2 and TP too (rank 0 of a pipeline holds
     # the first stage, which has no head)
     assert a["fused"] > 0 and (b["fused"] > 0) == (not strategy.startswith("pp")), (a["fused"], b["fused"])
