@@ -45,10 +45,8 @@ What is exact and what is approximate:
                                         weights), + RoPE's half-width bf16 cos/sin for q and k (4*B*T*hd bytes)
   and once per forward: the token ids (8*N, int64), learned positions (8*T), RoPE's float32 cos/sin (2 * 4*B*T*hd,
   shared by all blocks in float32), the final norm, and the loss: the fused output projection + cross-entropy
-  of `fused_loss` (the model's own forward, plain or under DDP / FSDP2 / TP: pp = 1) keeps its float32
-  gradients w.r.t. the hidden states and the head (4*N*d + 4*V*d); the last pipeline stage materialises the
-  logits and keeps the head's input, its bf16 weight copy under autocast, the float32 log-softmax (4*N*V) and
-  the labels.
+  of `fused_loss`, inside the model's forward in every layout (plain, DDP, FSDP2, TP, a pipeline's last stage),
+  keeps its float32 gradients w.r.t. the hidden states and the head (4*N*d + 4*V*d).
   With activation checkpointing (`trainer.apply_activation_checkpointing`) a block keeps only its inputs (the
   float32 residual and the pending branch, c bytes) and the shared RoPE tables, and the backward recomputes one
   block at a time: one block's activations are added as the peak. Pipeline stages (`llmkit.train.pipeline`)
@@ -193,11 +191,11 @@ def _check_supported(cfg: ModelConfig) -> None:
 class _Act:
     """Saved-activation bytes of one micro-batch on one rank (see the module docstring for every term)."""
 
-    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: str, device: str, native: bool, tp: int, fused: bool):
+    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: str, device: str, native: bool, tp: int):
         self.cfg, self.B, self.T, self.N = cfg, B, T, B * T
         self.dtype, self.c = dtype, (4 if dtype == "fp32" else 2)
         self.autocast = dtype != "fp32"
-        self.cpu, self.fused = device == "cpu", fused
+        self.cpu = device == "cpu"
         self.native_f32 = self.cpu and native and dtype == "fp32"
         self.h, self.kv, self.f = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.d_ff // tp
         self.hd, self.d, self.V = cfg.head_dim, cfg.d_model, cfg.vocab_size
@@ -244,14 +242,9 @@ class _Act:
         return 8 * self.N + (8 * self.T if self.cfg.pos == "learned" else 0)
 
     def head_terms(self) -> int:
-        N, d, c, V = self.N, self.d, self.c, self.V
+        N, d, V = self.N, self.d, self.V
         out = (F32 * N * d + F32 * N * self.stats) if self.cfg.has_final_norm else 0
-        if self.fused:
-            return out + F32 * N * d + F32 * V * d  # fused_loss: d loss/d hidden and d loss/d head weight
-        out += c * N * d + F32 * N * V + 8 * N + 4  # head input, log-softmax, labels, nll's total weight
-        if self.autocast:
-            out += 2 * V * d  # bf16 copy of the head weight
-        return out
+        return out + F32 * N * d + F32 * V * d  # fused_loss: d loss/d hidden and d loss/d head weight
 
     def block_inputs(self, first: bool) -> int:
         """What a checkpointed block keeps: the float32 residual and, after the first block, the pending branch."""
@@ -299,10 +292,7 @@ def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: 
 
     if stage is not None and not 0 <= stage < pp:
         raise ValueError(f"stage={stage} is not one of the {pp} pipeline stages")
-    # the model's forward fuses the head with the loss (`Transformer.loss`), also under DDP, FSDP2 and TP; the last
-    # pipeline stage instead hands its logits to the schedule's loss
-    fused = pp == 1
-    act = _Act(cfg, micro_batch, seq_len, dtype, device, native, tp, fused)
+    act = _Act(cfg, micro_batch, seq_len, dtype, device, native, tp)
     per_block = act.block()
     for s, st in enumerate(stages):
         layers = [i for i, ls in enumerate(layer_stage) if ls == s]

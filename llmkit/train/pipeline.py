@@ -12,7 +12,8 @@ Implements:
   micro-batches of activations are alive per stage) schedule;
 - `bubble_fraction(p, m)`: the idle share (p - 1) / (m + p - 1) of a p-stage pipeline fed m micro-batches
   (GPipe, Huang et al. 2019; the same for 1F1B, which saves memory, not bubble);
-- `lm_loss(logits, labels, z_loss)`: the causal-LM loss of the last stage;
+- `lm_loss(logits, labels, z_loss)`: the causal-LM loss of a last stage that returns logits (`pipeline_schedule`'s
+  default; `PipelineDist` computes it inside the last stage's forward instead, fused with the head);
 - `PipelineDist`: the `dist` that `Trainer` takes, so `torchrun ... -m llmkit pretrain` with LLMKIT_DIST=pp
   (LLMKIT_PP_SCHEDULE=1f1b|gpipe) trains the stages on their own processes, each stage optionally split by
   tensor parallelism over LLMKIT_TP ranks and sharded with FSDP2 over LLMKIT_DP ranks on a ("pp", "dp", "tp")
@@ -94,16 +95,31 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
     return cross_entropy(logits, labels, z_loss)[0]
 
 
-class _TokenWeightedLoss:
-    """`lm_loss` of one micro-batch times m * n_i / N (n_i its target tokens, N the step's; `scale` = m / N is set
-    before each step): the schedules average their m micro-batch losses (`scale_grads`), which then gives the mean
-    over the step's target tokens, whatever their split between micro-batches."""
+class _LossStage(nn.Module):
+    """The last stage as `PipelineDist`'s schedules see it: its forward also takes the micro-batch's labels (a
+    schedule keyword argument) and computes the loss inside the model's forward (`Transformer.loss`: the head fused
+    with the cross-entropy, never materialising the logits, also under FSDP2, whose hooks gather the head's weight
+    for that forward). It returns the micro-batch's summed loss n_i * loss_i as a [1] tensor (the schedules merge
+    the last stage's outputs along dim 0), which `_scaled` turns into the step's token mean."""
 
-    def __init__(self, z_loss: float):
-        self.z_loss, self.scale = z_loss, 1.0
+    def __init__(self, stage: nn.Module, z_loss: float):
+        super().__init__()
+        self.stage, self.z_loss = stage, z_loss
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
+        loss, _ = self.stage(x, labels=labels, z_loss=self.z_loss, **kw)
+        return (loss * (labels != IGNORE).sum()).reshape(1)
+
+
+class _Scaled:
+    """The schedule's loss for `_LossStage`: n_i * loss_i times m / N (N the step's target tokens; `scale` = m / N
+    is set before each step). The schedules average their m micro-batch losses (`scale_grads`), which then gives
+    the mean over the step's target tokens, whatever their split between micro-batches."""
+
+    scale = 1.0
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return lm_loss(output, target, self.z_loss) * ((target != IGNORE).sum() * self.scale)
+        return output.sum() * self.scale
 
 
 def pipeline_schedule(stage_model: nn.Module, stage: int, n_stages: int, device: torch.device | str,
@@ -131,12 +147,13 @@ class PipelineDist:
     A step's micro-batches are stacked into one batch that the schedule splits again, so a step runs as many
     pipeline micro-batches as the Trainer's accumulation (`batch_size / micro_batch_size`, at least the
     number of stages). The loss is the causal-LM loss (+ z-loss) of the last stage over the step's target
-    tokens (micro-batches weighted by their token counts), broadcast along the pipeline and averaged over the
-    data-parallel ranks. Clipping takes the global norm over all stages and shards. Checkpoints hold the whole
-    model under its usual parameter names (rank 0 writes them; `llmkit.load` reads them like any other) and the
-    optimizer state keyed by those names, so a run resumes on the same layout. Refused with it: a custom loss
-    function, fp16 (the schedule calls backward itself, out of the loss scaler's reach) and torch.compile of the
-    whole model.
+    tokens (micro-batches weighted by their token counts), computed inside the last stage's forward with its
+    head fused with the cross-entropy (`_LossStage`: no logits kept, also under FSDP2), broadcast along the
+    pipeline and averaged over the data-parallel ranks. Clipping takes the global norm over all stages and
+    shards. Checkpoints hold the whole model under its usual parameter names (rank 0 writes them; `llmkit.load`
+    reads them like any other) and the optimizer state keyed by those names, so a run resumes on the same
+    layout. Refused with it: a custom loss function, fp16 (the schedule calls backward itself, out of the loss
+    scaler's reach) and torch.compile of the whole model.
     """
 
     def __init__(self, schedule: str = "1f1b", dp: int = 1, tp: int = 1, info=None):
@@ -197,9 +214,10 @@ class PipelineDist:
         step's target tokens (micro-batches weighted by their token counts, as `Trainer` weights accumulation)."""
         m = len(batches)
         if (m, z_loss) not in self._schedules:
-            loss_fn = _TokenWeightedLoss(z_loss)
+            loss_fn = _Scaled()
+            stage = _LossStage(model, z_loss) if self.last else model
             self._schedules[(m, z_loss)] = loss_fn, pipeline_schedule(
-                model, self.stage, self.n_stages, self.device, m, loss_fn, self.schedule, group=self.pp_group)
+                stage, self.stage, self.n_stages, self.device, m, loss_fn, self.schedule, group=self.pp_group)
         loss_fn, sched = self._schedules[(m, z_loss)]
         losses: list = []
         # every stage takes the batch's other model inputs (document masks, positions, prefix lengths) from its own
@@ -211,7 +229,7 @@ class PipelineDist:
         elif self.last:
             labels = torch.cat([b["labels"] for b in batches])
             loss_fn.scale = m / max(int((labels != IGNORE).sum()), 1)
-            sched.step(target=labels, losses=losses, **kw)
+            sched.step(target=labels, losses=losses, labels=labels, **kw)
         else:
             sched.step(**kw)
         return self._from_last(torch.stack(losses).mean().detach() if self.last else None)
@@ -224,10 +242,10 @@ class PipelineDist:
         if not self.first:
             x = torch.empty(*ids.shape, model.cfg.d_model, dtype=next(model.parameters()).dtype, device=self.device)
             dist.recv(x, src=self.rank - self.per_stage)  # the previous stage's rank at the same (dp, tp) place
-        out = model(x, **model_inputs(batch))
-        if not self.last:
-            dist.send(out.contiguous(), dst=self.rank + self.per_stage)
-        return self._from_last(lm_loss(out, batch["labels"], z_loss) if self.last else None)
+        if self.last:  # the loss inside the model's forward, its head fused with the cross-entropy
+            return self._from_last(model(x, **model_inputs(batch), labels=batch["labels"], z_loss=z_loss)[0])
+        dist.send(model(x, **model_inputs(batch)).contiguous(), dst=self.rank + self.per_stage)
+        return self._from_last(None)
 
     def _from_last(self, loss: torch.Tensor | None) -> torch.Tensor:
         """The last stage's loss on every rank of its pipeline, then averaged over the data-parallel ranks."""

@@ -76,8 +76,11 @@ def main(strategy: str, out: str) -> None:
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])
     final = trainer.fit(resume=False)
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
+    n_fused = torch.tensor(len(fused))
+    if dist is not None:  # (a pipeline's head and loss live on its last stage)
+        torch.distributed.all_reduce(n_fused)
     if (dist is None or dist.rank == 0):
-        json.dump({"losses": losses, "tokens": tokens, "fused": len(fused), "val_loss": final.get("val_loss"),
+        json.dump({"losses": losses, "tokens": tokens, "fused": int(n_fused), "val_loss": final.get("val_loss"),
                    "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
     if dist is not None:
         dist.barrier()
