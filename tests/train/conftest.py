@@ -27,6 +27,18 @@ def tiny_model(seed: int = 0, **kw) -> Transformer:
     return Transformer(tiny_cfg(**kw))
 
 
+class DDPLike(torch.nn.Module):
+    """A wrapper with DDP's shape (`.module`, a delegating forward, no forwarded attributes), without a process
+    group: what `objectives.lm_loss` sees of a DDP-wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *a, **kw):
+        return self.module(*a, **kw)
+
+
 def pattern_tokens(n: int = 20000, vocab: int = 64, seed: int = 0, eos: int | None = None) -> np.ndarray:
     """A learnable stream: short random 'words' from a fixed lexicon, so the loss can fall well below ln V."""
     rng = np.random.default_rng(seed)

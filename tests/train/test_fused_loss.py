@@ -91,13 +91,7 @@ def test_moe_aux_loss_is_added_through_a_ddp_style_wrapper():
     """DDP exposes the model as `.module` and forwards no attributes: the MoE auxiliary loss is still added."""
     from llmkit.model import ModelConfig, Transformer
 
-    class Wrapper(torch.nn.Module):  # DDP's shape: `.module`, forward delegates
-        def __init__(self, m):
-            super().__init__()
-            self.module = m
-
-        def forward(self, *a, **kw):
-            return self.module(*a, **kw)
+    from tests.train.conftest import DDPLike
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, n_experts=4,
@@ -105,7 +99,7 @@ def test_moe_aux_loss_is_added_through_a_ddp_style_wrapper():
     x = torch.randint(0, 64, (2, 9))
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     plain, pm = lm_loss(model, batch)
-    wrapped, wm = lm_loss(Wrapper(model), batch)
+    wrapped, wm = lm_loss(DDPLike(model), batch)
     assert "moe_aux" in pm and "moe_aux" in wm
     torch.testing.assert_close(wrapped, plain)
     torch.testing.assert_close(wrapped, wm["ce"] + wm["moe_aux"])

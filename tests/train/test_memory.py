@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 import llmkit.model.attention as attention
 import llmkit.model.layers as layers
@@ -14,7 +13,7 @@ from llmkit.train.memory import estimate_memory, validate_layout
 from llmkit.train.objectives import lm_loss
 from llmkit.train.pipeline import make_stage
 from llmkit.train.trainer import Trainer, apply_activation_checkpointing
-from tests.train.conftest import loaders, tiny_cfg, tiny_model, train_cfg
+from tests.train.conftest import DDPLike, loaders, tiny_cfg, tiny_model, train_cfg
 
 
 # ---------------------------------------------------------------------------------------------- validator
@@ -135,17 +134,6 @@ def test_pipeline_reports_the_largest_stage():
 
 
 # ---------------------------------------------------------------------------------------------- activations
-class _Wrapped(nn.Module):
-    """A wrapper like DDP's (`.module`, a delegating forward): the model still computes its fused loss in forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.module, self.cfg = model, model.cfg
-
-    def forward(self, *a, **kw):
-        return self.module(*a, **kw)
-
-
 def _saved_bytes(cfg: ModelConfig, B: int, T: int, dtype=None, ckpt=False, wrapped=False, last_stage=False) -> int:
     """Unique storage bytes autograd saves for the backward in one forward + lm_loss (parameters excluded: they are
     counted as params). With activation checkpointing, torch's non-reentrant checkpoint saves the tensor inputs
@@ -183,9 +171,10 @@ def _saved_bytes(cfg: ModelConfig, B: int, T: int, dtype=None, ckpt=False, wrapp
     cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(add, lambda t: t), cast:
         if last_stage:  # the stage's input: the first stage's float32 hidden states, received as a leaf
-            model(torch.randn(B, T, cfg.d_model, requires_grad=True), labels=batch["labels"])
+            loss, _ = model(torch.randn(B, T, cfg.d_model, requires_grad=True), labels=batch["labels"])
+            assert type(loss.grad_fn).__name__ == "LinearCrossEntropyBackward"  # the fused head: no logits kept
         else:
-            lm_loss(_Wrapped(model) if wrapped else model, batch)
+            lm_loss(DDPLike(model) if wrapped else model, batch)
     return sum(seen.values())
 
 
