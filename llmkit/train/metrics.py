@@ -55,6 +55,7 @@ def measured_peak_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024,
     # the best of five windows: a peak, not an average over a shared machine's stalls
     return 2.0 * n**3 * max(products_per_s(seconds / 5) for _ in range(5))
 
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path | None, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "llmkit", config: dict | None = None, enabled: bool = True):

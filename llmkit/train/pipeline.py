@@ -100,7 +100,7 @@ class _LossStage(nn.Module):
     schedule keyword argument) and computes the loss inside the model's forward (`Transformer.loss`: the head fused
     with the cross-entropy, never materialising the logits, also under FSDP2, whose hooks gather the head's weight
     for that forward). It returns the micro-batch's summed loss n_i * loss_i as a [1] tensor (the schedules merge
-    the last stage's outputs along dim 0), which `_scaled` turns into the step's token mean."""
+    the last stage's outputs along dim 0), which `_Scaled` turns into the step's token mean."""
 
     def __init__(self, stage: nn.Module, z_loss: float):
         super().__init__()
