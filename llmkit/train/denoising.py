@@ -11,14 +11,18 @@ Implements:
   paradigm token [R]/[S]/[X], sampled from a configurable mixture (default: uniform over the 7);
 - layouts for both model kinds: decoder-only = [mode] inputs targets with a bidirectional prefix and loss
   on the targets only; encoder-decoder = encoder reads [mode] inputs, decoder predicts the targets;
-- `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows; deterministic per
-  batch index (RNG seeded by (seed, index)) and resumable through `state_dict()`.
+- `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows. Every row's noise is drawn
+  from an RNG seeded by (seed, epoch, the row's tokens), so a sequence is corrupted the same way whatever
+  micro-batch, rank or pipeline split it travels in (accumulation and every distributed layout see the one-process
+  data); rows are padded to the window length, so every batch has the base loader's shape (static shapes for
+  pipeline stages and torch.compile). Resumable through `state_dict()`.
 
 Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
 base + 3 + i; `special_vocab(base, n_sentinels)` gives the model's vocabulary size.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,10 +129,15 @@ def denoise_example(tokens: np.ndarray, d: Denoiser, base: int, rng: np.random.G
     return inputs.astype(np.int64), targets.astype(np.int64)
 
 
-def collate_decoder(examples, pad_id: int) -> dict:
-    """[inputs | targets] rows, right-padded; bidirectional prefix over the inputs; loss on targets only."""
+def collate_decoder(examples, pad_id: int, length: int | None = None) -> dict:
+    """[inputs | targets] rows, right-padded to `length` tokens (default: the longest row); bidirectional prefix
+    over the inputs; loss on targets only. The batch's input_ids are one token shorter than the rows."""
     seqs = [np.concatenate([i, t]) for i, t in examples]
     T = max(len(s) for s in seqs)
+    if length is not None:
+        if T > length:
+            raise ValueError(f"a denoised row of {T} tokens exceeds the window of {length}")
+        T = length
     tok = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for r, s in enumerate(seqs):
         tok[r, : len(s)] = torch.from_numpy(s)
@@ -176,23 +185,29 @@ class DenoisingLoader:
     def __iter__(self):
         return self
 
+    def _rng(self, row: np.ndarray, epoch: int) -> np.random.Generator:
+        """The row's own RNG: seeded by (seed, epoch, its tokens), not by its place in a batch."""
+        digest = hashlib.blake2b(np.ascontiguousarray(row, dtype=np.int64).tobytes(), digest_size=16).digest()
+        return np.random.default_rng([self.seed, epoch, *np.frombuffer(digest, dtype=np.uint32).tolist()])
+
     def __next__(self) -> dict:
         raw = next(self.base)
-        rng = np.random.default_rng([self.seed, self.count])
+        epoch = int(getattr(self.base, "epoch", 0))  # (BatchLoader: the epoch of the batch just read)
         self.count += 1
         rows = torch.cat([raw["input_ids"], raw["labels"][:, -1:]], 1).numpy()
+        rngs = [self._rng(r, epoch) for r in rows]
         if self.objective == "prefix_lm":  # prefix length uniform in [1, T): every row keeps >= 1 target
-            p = torch.from_numpy(rng.integers(1, rows.shape[1] - 1, size=rows.shape[0]))
+            p = torch.tensor([int(g.integers(1, rows.shape[1] - 1)) for g in rngs])
             return prefix_lm_batch(torch.from_numpy(rows), p)
         budget = rows.shape[1]
         examples = []
-        for r in rows:
+        for r, rng in zip(rows, rngs):
             d = self.denoisers[int(rng.choice(len(self.denoisers), p=self.weights))]
             examples.append(denoise_example(r, d, self.vocab, rng, self.n_sentinels, budget,
                                             mode_token=self.objective == "ul2"))
         if self.encdec:
             return collate_encdec(examples, self.pad_id, self.start_id)
-        return collate_decoder(examples, self.pad_id)
+        return collate_decoder(examples, self.pad_id, length=budget)
 
     def state_dict(self) -> dict:
         return {"base": self.base.state_dict(), "count": self.count}

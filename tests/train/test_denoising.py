@@ -1,6 +1,9 @@
 """D2/D3: T5 span corruption (rate, spans, sentinels, exact reconstruction) and the UL2 mixture of denoisers."""
 import numpy as np
+import pytest
 import torch
+
+from llmkit.data.shards import BatchLoader
 
 from llmkit.train.denoising import (MODES, UL2_DENOISERS, Denoiser, DenoisingLoader, collate_decoder,
                                     collate_encdec, denoise_example, random_spans_noise_mask, reconstruct,
@@ -82,7 +85,42 @@ def test_denoising_loader_is_deterministic_and_resumable():
     b.load_state_dict(state)
     got = next(b)
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert want["input_ids"].shape[1] <= 33
+    assert want["input_ids"].shape == (4, 32)  # padded to the window: the base loader's shape, every batch
+
+
+def test_decoder_layout_pads_to_the_window():
+    ex = [(np.array([7, 1, 1000]), np.array([1000, 3]))]
+    b = collate_decoder(ex, pad_id=0, length=8)
+    assert b["input_ids"].tolist() == [[7, 1, 1000, 1000, 3, 0, 0]] and b["prefix_len"].tolist() == [3]
+    assert b["labels"].tolist() == [[-100, -100, 1000, 3, -100, -100, -100]]
+
+
+@pytest.mark.parametrize("objective", ["ul2", "span_corruption", "prefix_lm"])
+def test_rows_are_denoised_alike_in_any_micro_batch_split(objective):
+    """A row's noise depends on the seed, the epoch and its tokens, not on its place in a batch: one batch of 8
+    equals two micro-batches of 4 over the same windows (what accumulation, a pipeline or two data-parallel ranks
+    read), in every denoiser's layout; and a new epoch draws new noise for the same window (64-token windows: T5's
+    sampler puts a lone noise span at the end, so 32-token windows, with one span, would be corrupted alike)."""
+    ds = loaders(8, 64)[0].ds
+    one = DenoisingLoader(BatchLoader(ds, 8, 64, seed=0), objective, 64, seed=5, n_sentinels=20)
+    two = DenoisingLoader(BatchLoader(ds, 4, 64, seed=0), objective, 64, seed=5, n_sentinels=20)
+    a, b, c = next(one), next(two), next(two)
+    for k in a:
+        assert torch.equal(a[k], torch.cat([b[k], c[k]])), k
+    ranks = [DenoisingLoader(BatchLoader(ds, 4, 64, seed=0, rank=r, world_size=2), objective, 64, seed=5,
+                             n_sentinels=20) for r in range(2)]
+    r0, r1 = next(ranks[0]), next(ranks[1])
+    windows = np.concatenate([ranks[0].base.windows(0)[:4], ranks[1].base.windows(0)[:4]])
+    whole = next(DenoisingLoader(iter([ranks[0].base.batch(windows)]), objective, 64, seed=5, n_sentinels=20))
+    for k in whole:
+        assert torch.equal(whole[k], torch.cat([r0[k], r1[k]])), k
+    loader = DenoisingLoader(BatchLoader(ds, 8, 64, seed=0, shuffle=False), objective, 64, seed=5, n_sentinels=20)
+    first = next(loader)  # windows 0-7 of epoch 0 ...
+    for _ in range(len(loader.base) - 1):
+        next(loader)
+    again = next(loader)  # ... and of epoch 1
+    assert loader.base.epoch == 1
+    assert not torch.equal(first["input_ids"], again["input_ids"]) or not torch.equal(first["labels"], again["labels"])
 
 
 def test_custom_denoiser_span_lengths():
