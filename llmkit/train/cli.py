@@ -50,9 +50,9 @@ def build_run(recipe, out_dir: Path, *, texts=None, tokenizer=None, dist=None):
     train, val = wrap_objective(objective, train, val, mcfg, recipe.data, cfg.seed)
     model = Transformer(mcfg)
     pipelined = hasattr(dist, "pipeline_step")
-    if pipelined and objective not in ("causal_lm", "prefix_lm"):
-        raise SystemExit(f"llmkit pretrain: LLMKIT_DIST=pp trains the causal and prefix LM (document masks included); "
-                         f"data.objective={objective} is not tested there: use ddp/fsdp/tp")
+    if pipelined and mcfg.arch == "encoder_decoder":  # (every objective's decoder-only batches pipeline alike)
+        raise SystemExit(f"llmkit pretrain: LLMKIT_DIST=pp takes decoder-only models; this recipe's model is "
+                         f"encoder-decoder (data.objective={objective}): use ddp/fsdp/tp")
     trainer = Trainer(model, cfg, train, loss_fn=None if pipelined else make_loss_fn(objective, cfg.z_loss),
                       out_dir=out_dir,
                       val_data=val, dist=dist, tokenizer=tokenizer, model_config=mcfg, recipe=recipe.to_dict())

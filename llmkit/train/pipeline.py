@@ -27,8 +27,10 @@ only hidden states travel between stages. The schedules average the per-micro-ba
 step equals one step on the whole batch also when labels are masked unevenly (-100 spans, prefix LM), as
 `Trainer` weights accumulation. Tied input/output embeddings (the first and last stage would share one
 weight), encoder-decoder models and MoE layers (their auxiliary loss would have to travel between stages) are
-refused. Tested on gloo against one process: 2 and 3 stages directly; 2 stages (also with document masks and
-with prefix-LM batches) and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with
+refused. Every pre-training objective's decoder-only batches (causal LM, prefix LM, span corruption, UL2: the
+denoisers' rows are padded to the window, so every micro-batch has the stages' shape) pipeline alike.
+Tested on gloo against one process: 2 and 3 stages directly; 2 stages (also with document masks, with prefix-LM
+batches and with UL2 batches) and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with
 2 x 2 x 2, resume included.
 """
 from __future__ import annotations
@@ -228,34 +230,48 @@ class PipelineDist:
             sched.step(torch.cat([b["input_ids"] for b in batches]), **kw)
         elif self.last:
             labels = torch.cat([b["labels"] for b in batches])
-            loss_fn.scale = m / max(int((labels != IGNORE).sum()), 1)
+            n = (labels != IGNORE).sum()
+            if self.dp_world > 1:  # the step's target tokens on every data-parallel rank (the ranks' gradients
+                dist.all_reduce(n, group=self.dp_group)  # are averaged): uneven masks weigh as in one big batch
+            loss_fn.scale = m * self.dp_world / max(int(n), 1)
             sched.step(target=labels, losses=losses, labels=labels, **kw)
         else:
             sched.step(**kw)
         return self._from_last(torch.stack(losses).mean().detach() if self.last else None)
 
     @torch.no_grad()
-    def pipeline_eval(self, model: nn.Module, batch: dict, z_loss: float = 0.0) -> torch.Tensor:
-        """The loss of one batch, forward only: each stage receives, runs and sends on its hidden states."""
+    def pipeline_eval(self, model: nn.Module, batch: dict, z_loss: float = 0.0, dp_mean: bool = True) -> torch.Tensor:
+        """The loss of one batch, forward only: each stage receives, runs and sends on its hidden states. On every
+        rank: the mean over the data-parallel ranks, or with dp_mean=False this pipeline's own."""
         ids = batch["input_ids"]
         x = ids
         if not self.first:
             x = torch.empty(*ids.shape, model.cfg.d_model, dtype=next(model.parameters()).dtype, device=self.device)
             dist.recv(x, src=self.rank - self.per_stage)  # the previous stage's rank at the same (dp, tp) place
         if self.last:  # the loss inside the model's forward, its head fused with the cross-entropy
-            return self._from_last(model(x, **model_inputs(batch), labels=batch["labels"], z_loss=z_loss)[0])
+            loss = model(x, **model_inputs(batch), labels=batch["labels"], z_loss=z_loss)[0]
+            return self._from_last(loss, dp_mean)
         dist.send(model(x, **model_inputs(batch)).contiguous(), dst=self.rank + self.per_stage)
-        return self._from_last(None)
+        return self._from_last(None, dp_mean)
 
-    def _from_last(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's loss on every rank of its pipeline, then averaged over the data-parallel ranks."""
+    def _from_last(self, loss: torch.Tensor | None, dp_mean: bool = True) -> torch.Tensor:
+        """The last stage's loss on every rank of its pipeline, then (dp_mean) averaged over the data-parallel
+        ranks."""
         t = loss.float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
         if self.pp_group is None:
             dist.broadcast(t, src=self.world_size - 1)
             return t
         dist.broadcast(t, group=self.pp_group, group_src=self.n_stages - 1)
+        if not dp_mean:
+            return t
         dist.all_reduce(t, group=self.dp_group)  # (tensor-parallel peers hold the same value already)
         return t / self.dp_world
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of `t` over all ranks (the Trainer's evaluation: every rank of a pipeline holds its loss)."""
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across the stages (each holds a disjoint part of the parameters) and, under FSDP2,

@@ -20,13 +20,13 @@ API (adaptation methods are loss functions + collators for this class, never a s
     trainer.evaluate()         # -> mean val loss over cfg.eval_batches batches
 
 One optimiser step: draw `accum` micro-batches (the batch-size ramp sets how many), run forward/backward
-on each under autocast, weight each micro-batch by its share of the step's target tokens (so
-accumulation equals one big batch exactly), check the loss for NaN/spikes (roll back + skip data),
+on each under autocast, weight each micro-batch by its share of the step's target tokens on all
+data-parallel ranks (so accumulation and data parallelism equal one big batch exactly), check the loss for NaN/spikes (roll back + skip data),
 unscale (fp16), clip the global grad norm, step, set the scheduled learning rate.
 
 `Dist` protocol (all optional except rank/world_size): `rank`, `world_size`, `device`,
 `wrap(model) -> model` (DDP / FSDP2 / TP applied from outside), `no_sync(model)` context for all
-but the last micro-batch, `reduce_mean(tensor)` for logging, `clip_grad_norm(params, max_norm)`,
+but the last micro-batch, `reduce_mean(tensor)` (the mean over ranks: logging, target-token weights), `clip_grad_norm(params, max_norm)`,
 `model_state_dict(model)` / `load_model_state_dict(model, sd)` for sharded checkpoints, `barrier()`.
 """
 from __future__ import annotations
@@ -155,17 +155,21 @@ class Trainer:
                 w.append("applied")
         return [self._to_device(next(self._it)) for _ in range(accum_steps_at(step, self.cfg))]
 
-    @staticmethod
-    def _weights(batches: list[dict]) -> list[float]:
-        """Each micro-batch's share of the step's target tokens: accumulation == one big batch."""
-        if len(batches) == 1:  # (no count: on a GPU it would wait for the device)
+    def _weights(self, batches: list[dict]) -> list:
+        """Each micro-batch's weight: its share of the step's target tokens on all data-parallel ranks, times their
+        number (data parallelism averages the ranks' gradients), so that accumulation and data parallelism equal
+        one big batch also when labels are masked unevenly (-100 spans, prefix LM, denoisers)."""
+        many = self.dist is not None and self.dp_world > 1 and hasattr(self.dist, "reduce_mean")
+        if len(batches) == 1 and not many:  # (no count: on a GPU it would wait for the device)
             return [1.0]
-        if all("labels" in b for b in batches):
-            counts = torch.stack([(b["labels"] != IGNORE).sum() for b in batches]).tolist()  # one device sync
-            total = sum(counts)
-            if total > 0:
-                return [c / total for c in counts]
-        return [1.0 / len(batches)] * len(batches)
+        if not all("labels" in b for b in batches):
+            return [1.0 / len(batches)] * len(batches)
+        counts = torch.stack([(b["labels"] != IGNORE).sum() for b in batches]).float()
+        # the mean over ranks of their step's target tokens (TP peers hold the same batch: they count alike);
+        # on the device, as the weights stay: no wait for a GPU
+        mean = self.dist.reduce_mean(counts.sum()) if many else counts.sum()
+        weights = torch.where(mean > 0, counts / mean.clamp_min(1), 1.0 / len(batches))
+        return list(weights.unbind())
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> tuple[float, dict]:
@@ -328,30 +332,35 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None) -> float:
-        """Mean loss over the first `n_batches` validation batches (the same batches at every call)."""
+        """The loss over the target tokens of the first `n_batches` validation batches (the same batches at every
+        call), on every data-parallel rank."""
         if self.val_data is None:
             raise ValueError("evaluate() needs val_data")
         if self._val_state is not None:
             self.val_data.load_state_dict(self._val_state)
         rng = torch.get_rng_state()  # evaluation must not change the training random stream
         self.model.eval()
-        losses, it = [], iter(self.val_data)
+        # the loss over all target tokens of the batches (on every data-parallel rank): batches with unevenly masked
+        # labels weigh by their targets, as in a training step
+        num, den, it = torch.zeros((), device=self.device), torch.zeros((), device=self.device), iter(self.val_data)
         for _ in range(n_batches or self.cfg.eval_batches):
             try:
                 b = self._to_device(next(it))
             except StopIteration:
                 break
             with self._autocast():
-                if self.pipelined:
-                    loss = self.dist.pipeline_eval(self.model, b, self.cfg.z_loss)
+                if self.pipelined:  # (this pipeline's loss: the ranks' are combined below)
+                    loss = self.dist.pipeline_eval(self.model, b, self.cfg.z_loss, dp_mean=False)
                 else:
                     loss, _ = self.loss_fn(self.model, b)
-            losses.append(float(loss))
+            n = (b["labels"] != IGNORE).sum().float() if "labels" in b else torch.ones((), device=self.device)
+            num, den = num + loss.detach().float() * n, den + n
         self.model.train()
         torch.set_rng_state(rng)
+        both = torch.stack([num, den])
         if self.dist is not None and hasattr(self.dist, "reduce_mean"):
-            return float(self.dist.reduce_mean(torch.tensor(sum(losses) / len(losses), device=self.device)))
-        return sum(losses) / max(1, len(losses))
+            both = self.dist.reduce_mean(both)
+        return float(both[0] / both[1].clamp_min(1))
 
     def _eval_and_log(self, t_start: float) -> float:
         val = self.evaluate()

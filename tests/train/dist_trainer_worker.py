@@ -9,6 +9,7 @@ import llmkit.train.fused_loss as fused_loss
 from llmkit.data.shards import BatchLoader, TokenDataset
 from llmkit.model import ModelConfig, Transformer
 from llmkit.train.config import TrainConfig
+from llmkit.train.denoising import DenoisingLoader, special_vocab
 from llmkit.train.distributed import DistConfig, TorchDist, full_state_dict
 from llmkit.train.pipeline import PipelineDist
 from llmkit.train.trainer import Trainer
@@ -42,9 +43,10 @@ def main(strategy: str, out: str) -> None:
     fused_loss.linear_cross_entropy = lambda *a, **kw: (fused.append(1), plain_lce(*a, **kw))[1]
     # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it);
     # "<strategy>-prefix": prefix-LM batches; "<strategy>-docs": packed documents, each attending only within itself
-    # (both: also the single-process reference)
+    # "<strategy>-ul2": UL2's mixture of denoisers, decoder-only (all three: also the single-process reference)
     strategy, prefix = strategy.removesuffix("-prefix"), strategy.endswith("-prefix")
     strategy, docs = strategy.removesuffix("-docs"), strategy.endswith("-docs")
+    strategy, ul2 = strategy.removesuffix("-ul2"), strategy.endswith("-ul2")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -55,7 +57,8 @@ def main(strategy: str, out: str) -> None:
             else None
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))
+    vocab = special_vocab(64, 8) if ul2 else 64  # UL2: [R], [S], [X] and 8 sentinels above the 64 token ids
+    model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))
     ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
     starts = np.arange(0, 4000, 11 if docs else 4000, dtype=np.int64)  # documents of 11 tokens: most rows hold 2-3
     ds = TokenDataset(arrays=[ids], doc_starts=starts, eos_id=0)
@@ -65,12 +68,17 @@ def main(strategy: str, out: str) -> None:
     loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world, doc_info=docs)
     if prefix:
         loader = PrefixLM(loader)
-    # "-docs": a final validation on the same 8 sequences (one batch of 8, or a pipeline's two of 4), each stage
-    # taking the document mask (the loss is a mean over equally many targets per batch)
+    if ul2:  # each row's noise is seeded by its tokens: a rank's or a micro-batch's rows are denoised as in one batch
+        loader = DenoisingLoader(loader, "ul2", 64, n_sentinels=8, seed=0)
+    # "-docs": a final validation on the same 8 sequences (one batch of 8, a pipeline's two of 4, or 4 on each of two
+    # data-parallel ranks), each stage taking the document mask (equally many targets per batch)
     val = BatchLoader(ds, micro, 16, seed=1, rank=rank, world_size=world, doc_info=True) if docs else None
+    if ul2:  # "-ul2": the same, UL2's batches (unevenly many targets per rank and batch: the loss weighs tokens)
+        val = DenoisingLoader(BatchLoader(ds, micro, 16, seed=1, rank=rank, world_size=world), "ul2", 64, n_sentinels=8,
+                              seed=1)
     cfg = TrainConfig(max_steps=4, micro_batch_size=micro, batch_size=8 // world, seq_len=16, lr=1e-2, warmup_steps=1,
                       progress=False, tensorboard=False, log_every=1, device="cpu", seed=0,
-                      activation_checkpointing=ac, eval_batches=8 // micro)
+                      activation_checkpointing=ac, eval_batches=8 // (micro * world))
     losses, tokens = [], []
     trainer = Trainer(model, cfg, loader, out_dir=None, dist=dist, val_data=val,
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])

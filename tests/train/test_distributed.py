@@ -85,22 +85,23 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-prefix",
-                                      "pp-docs"])
+                                      "pp-docs", "pp-ul2", "fsdp-ul2", "pp+dp+tp-ul2"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank). "-prefix": prefix-LM batches
     (every stage takes the prefix lengths, and the pipeline's micro-batches, unevenly masked, are weighted by their
-    target tokens); "-docs": packed documents (every stage takes the document mask and positions)."""
+    target tokens); "-docs": packed documents (every stage takes the document mask and positions); "-ul2": UL2's
+    denoisers on a decoder-only model (rows padded to the window; ranks and micro-batches denoise a row alike)."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
-    ref = "none" + next((s for s in ("-prefix", "-docs") if strategy.endswith(s)), "")
+    ref = "none" + next((s for s in ("-prefix", "-docs", "-ul2") if strategy.endswith(s)), "")
     res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True,
                          timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     multi = tmp_path / "multi.json"
     # the 2 x 2 mesh (dp, tp), the 2 x 2 x 2 mesh (pp, dp, tp); "-ac": activation checkpointing
-    nproc = {"fsdp+tp": 4, "pp+dp+tp": 8}.get(strategy, 2)
+    nproc = {"fsdp+tp": 4, "pp+dp+tp": 8}.get(strategy.removesuffix("-ul2"), 2)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), strategy, str(multi)],
                          env=env, capture_output=True, text=True, timeout=240)
@@ -109,7 +110,7 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     assert len(a["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], abs=2e-5)
     assert b["tokens"] == a["tokens"] == [8 * 16 * (i + 1) for i in range(4)]
-    assert (a["val_loss"] is not None) == strategy.endswith("-docs")
+    assert (a["val_loss"] is not None) == strategy.endswith(("-docs", "-ul2"))
     assert b["val_loss"] == pytest.approx(a["val_loss"], abs=2e-5)
     # the model's forward fuses the head with the loss in every layout: DDP, FSDP2, TP and a pipeline's last stage
     assert a["fused"] > 0 and b["fused"] > 0, (a["fused"], b["fused"])
@@ -136,18 +137,23 @@ def _step_losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "pp+dp+tp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "pp+dp+tp", "pp-ul2"])
 def test_pretrain_cli_under_torchrun(strategy, tmp_path):
     """`torchrun -m llmkit pretrain` (DDP, FSDP2 on disjoint rank slices; TP and a 2-stage pipeline on the same
     batches; 2 stages x 2 FSDP2 ranks x 2 TP ranks) writes one llmkit run directory; sharded (FSDP2, TP) and per-stage optimizer state is gathered
-    into the checkpoint, and a resume from it continues with the same losses as the uninterrupted run."""
+    into the checkpoint, and a resume from it continues with the same losses as the uninterrupted run. "pp-ul2": the
+    pipeline trains UL2's mixture of denoisers (a decoder-only recipe; [R]/[S]/[X] and sentinels above the
+    tokenizer's ids)."""
     import shutil
+
+    strategy, ul2 = strategy.removesuffix("-ul2"), strategy.endswith("-ul2")
 
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question. " * 300)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "model: {preset: t3-llama, vocab_size: auto, d_model: 32, n_layers: 2, n_heads: 4, max_seq_len: 64}\n"
-        f"data: {{kind: text, path: {tmp_path / 'corpus.txt'}, val_fraction: 0.1, tokenizer: char}}\n"
+        f"data: {{kind: text, path: {tmp_path / 'corpus.txt'}, val_fraction: 0.1, tokenizer: char"
+        + (", objective: ul2, n_sentinels: 16" if ul2 else "") + "}\n"
         "train: {max_steps: 6, micro_batch_size: 4, seq_len: 32, lr: 0.003, warmup_steps: 1, progress: false,"
         " tensorboard: false, log_every: 1, device: cpu, eval_batches: 2, ckpt_every: 3}\n")
     extra = ["train.batch_size=8"] if strategy.startswith("pp") else []  # two micro-batches of 4: one per stage
@@ -173,4 +179,4 @@ def test_pretrain_cli_under_torchrun(strategy, tmp_path):
     from llmkit.train.checkpoint import latest_checkpoint
 
     model, tok = llmkit.load(latest_checkpoint(tmp_path / "run" / "checkpoints"))  # full weights gathered by rank 0
-    assert model(torch.tensor([tok.encode("to be")])).shape[-1] == tok.vocab_size
+    assert model(torch.tensor([tok.encode("to be")])).shape[-1] == tok.vocab_size + (3 + 16 if ul2 else 0)
