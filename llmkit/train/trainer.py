@@ -17,17 +17,18 @@ API (adaptation methods are loss functions + collators for this class, never a s
         hooks=None,            # callables hook(trainer, record) called after every logged step
     )
     trainer.fit()              # trains to cfg.max_steps, resuming from out_dir's latest checkpoint if resume=True
-    trainer.evaluate()         # -> mean val loss over cfg.eval_batches batches
+    trainer.evaluate()         # -> val loss over the targets of cfg.eval_batches batches
 
 One optimiser step: draw `accum` micro-batches (the batch-size ramp sets how many), run forward/backward
 on each under autocast, weight each micro-batch by its share of the step's target tokens on all
-data-parallel ranks (so accumulation and data parallelism equal one big batch exactly), check the loss for NaN/spikes (roll back + skip data),
-unscale (fp16), clip the global grad norm, step, set the scheduled learning rate.
+data-parallel ranks (so accumulation and data parallelism equal one big batch exactly), check the loss
+for NaN/spikes (roll back + skip data), unscale (fp16), clip the global grad norm, step, set the
+scheduled learning rate.
 
 `Dist` protocol (all optional except rank/world_size): `rank`, `world_size`, `device`,
 `wrap(model) -> model` (DDP / FSDP2 / TP applied from outside), `no_sync(model)` context for all
-but the last micro-batch, `reduce_mean(tensor)` (the mean over ranks: logging, target-token weights), `clip_grad_norm(params, max_norm)`,
-`model_state_dict(model)` / `load_model_state_dict(model, sd)` for sharded checkpoints, `barrier()`.
+but the last micro-batch, `reduce_mean(tensor)` (the mean over ranks: logging, target-token weights),
+`clip_grad_norm(params, max_norm)`, `model_state_dict(model)` / `load_model_state_dict(model, sd)` for sharded checkpoints, `barrier()`.
 """
 from __future__ import annotations
 
