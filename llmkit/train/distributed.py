@@ -105,7 +105,10 @@ def scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
-    """Shard attention heads and FFN width over `tp_mesh` (Megatron-LM column/row split)."""
+    """Shard attention heads and FFN width over `tp_mesh` (Megatron-LM column/row split): every block of the
+    decoder and of an encoder, cross-attention included. Position biases follow the heads: each rank keeps the
+    ALiBi slopes of its own heads, and T5's bias table is split by head columns (a DTensor, so each rank trains
+    its heads' biases)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     cfg = model.cfg
@@ -114,12 +117,26 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
         raise ValueError(f"tensor parallelism needs n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} divisible by tp={n}")
     if cfg.n_experts:
         raise ValueError("tensor parallelism of MoE layers is not supported; use fsdp or ddp")
-    for blk in model.layers:
-        plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel()}
+
+    def heads(prefix: str) -> dict:
+        return {f"{prefix}.q": ColwiseParallel(), f"{prefix}.k": ColwiseParallel(), f"{prefix}.v": ColwiseParallel(),
+                f"{prefix}.o": RowwiseParallel()}
+
+    for blk in [*model.layers, *(getattr(model, "encoder", None) or [])]:
+        plan = heads("attn")
+        if blk.cross_attn is not None:
+            plan.update(heads("cross_attn"))
         if blk.mlp.gate is not None:
             plan["mlp.gate"] = ColwiseParallel()
         plan.update({"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
         parallelize_module(blk, tp_mesh, plan)
+    for name in ("t5_bias", "enc_t5_bias"):  # [buckets, heads] -> this rank's head columns
+        if getattr(model, name, None) is not None:
+            parallelize_module(getattr(model, name), tp_mesh, {"emb": ColwiseParallel()})
+    if getattr(model, "alibi", None) is not None:  # (a non-persistent buffer: checkpoints keep no slopes)
+        local = cfg.n_heads // n
+        r = tp_mesh.get_local_rank()
+        model.alibi = model.alibi[r * local:(r + 1) * local].clone()
     return model
 
 

@@ -5,8 +5,9 @@ Implements:
   layout whose degrees do not multiply to the world size, tensor parallelism that would split a head, a
   key/value head or the MLP width (llmkit's `distributed.apply_tp` shards whole heads, Megatron-LM style), MoE
   under TP (`apply_tp` refuses it), a pipeline with more stages than layers or fewer micro-batches than stages
-  (it never fills), and tied embeddings across pipeline stages (the embedding lives on the first stage and the
-  head on the last);
+  (it never fills), tied embeddings across pipeline stages (the embedding lives on the first stage and the
+  head on the last), and encoder-decoder models or T5 position biases (one table for every layer) under a
+  pipeline (`pipeline.make_stage` refuses them too);
 - `estimate_memory(cfg, micro_batch=, seq_len=, ...)`: bytes per rank of the parameters, gradients, optimizer
   state and saved activations of one training micro-batch under llmkit's `Trainer`, and their total.
 
@@ -102,6 +103,11 @@ def validate_layout(cfg: ModelConfig, world_size: int, dp: int = 1, tp: int = 1,
         if cfg.tie_embeddings:
             raise ValueError(f"tie_embeddings=True shares the embedding (first stage) with the output head (last "
                              f"stage); untie them or use pp=1 (got pp={pp})")
+        if cfg.arch == "encoder_decoder":
+            raise ValueError(f"pipeline parallelism takes decoder-only models; this one is encoder-decoder (got pp={pp})")
+        if cfg.pos == "t5":
+            raise ValueError(f"pos=t5: one relative-position bias table serves every layer, so stages would each train "
+                             f"a copy; use rope or alibi, or pp=1 (got pp={pp})")
     if n_microbatches is not None and n_microbatches < pp:
         raise ValueError(f"n_microbatches={n_microbatches} < pp={pp}: the pipeline would never fill (every stage "
                          f"needs a micro-batch in flight)")

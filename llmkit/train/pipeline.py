@@ -26,8 +26,8 @@ only hidden states travel between stages. The schedules average the per-micro-ba
 `PipelineDist` weights each micro-batch's loss by its share of the step's target tokens first, so a pipelined
 step equals one step on the whole batch also when labels are masked unevenly (-100 spans, prefix LM), as
 `Trainer` weights accumulation. Tied input/output embeddings (the first and last stage would share one
-weight), encoder-decoder models and MoE layers (their auxiliary loss would have to travel between stages) are
-refused. Every pre-training objective's decoder-only batches (causal LM, prefix LM, span corruption, UL2: the
+weight), T5 relative-position biases (one table for every layer), encoder-decoder models and MoE layers
+(their auxiliary loss would have to travel between stages) are refused. Every pre-training objective's decoder-only batches (causal LM, prefix LM, span corruption, UL2: the
 denoisers' rows are padded to the window, so every micro-batch has the stages' shape) pipeline alike.
 Tested on gloo against one process: 2 and 3 stages directly; 2 stages (also with document masks, with prefix-LM
 batches and with UL2 batches) and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with
@@ -75,6 +75,9 @@ def make_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     if n_stages > 1 and model.lm_head is None:
         raise ValueError("tied input/output embeddings cannot be split between the first and the last pipeline stage; "
                          "use tie_embeddings=false")
+    if n_stages > 1 and cfg.pos == "t5":
+        raise ValueError("T5 relative-position biases are one table shared by every layer: split between stages, "
+                         "each stage would train its own copy; use pos rope or alibi under pipeline parallelism")
     if getattr(cfg, "n_experts", 0):
         raise ValueError("MoE layers are refused under pipeline parallelism (their auxiliary loss would have to "
                          "travel between stages)")

@@ -43,10 +43,14 @@ def main(strategy: str, out: str) -> None:
     fused_loss.linear_cross_entropy = lambda *a, **kw: (fused.append(1), plain_lce(*a, **kw))[1]
     # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it);
     # "<strategy>-prefix": prefix-LM batches; "<strategy>-docs": packed documents, each attending only within itself
-    # "<strategy>-ul2": UL2's mixture of denoisers, decoder-only (all three: also the single-process reference)
+    # "<strategy>-ul2": UL2's mixture of denoisers, decoder-only; "<strategy>-alibi": ALiBi position biases;
+    # "<strategy>-encdec": a T5-style encoder-decoder (T5 bias buckets) on span corruption (each: also the
+    # single-process reference)
     strategy, prefix = strategy.removesuffix("-prefix"), strategy.endswith("-prefix")
     strategy, docs = strategy.removesuffix("-docs"), strategy.endswith("-docs")
     strategy, ul2 = strategy.removesuffix("-ul2"), strategy.endswith("-ul2")
+    strategy, alibi = strategy.removesuffix("-alibi"), strategy.endswith("-alibi")
+    strategy, encdec = strategy.removesuffix("-encdec"), strategy.endswith("-encdec")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -57,8 +61,12 @@ def main(strategy: str, out: str) -> None:
             else None
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
-    vocab = special_vocab(64, 8) if ul2 else 64  # UL2: [R], [S], [X] and 8 sentinels above the 64 token ids
-    model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False))
+    vocab = special_vocab(64, 8) if ul2 or encdec else 64  # [R], [S], [X] and 8 sentinels above the 64 token ids
+    extra = dict(pos="alibi") if alibi else {}
+    if encdec:  # T5-style: relative position buckets, the encoder reads the corrupted spans
+        extra = dict(arch="encoder_decoder", pos="t5", n_encoder_layers=2)
+    model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False,
+                                    **extra))
     ids = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
     starts = np.arange(0, 4000, 11 if docs else 4000, dtype=np.int64)  # documents of 11 tokens: most rows hold 2-3
     ds = TokenDataset(arrays=[ids], doc_starts=starts, eos_id=0)
@@ -70,6 +78,8 @@ def main(strategy: str, out: str) -> None:
         loader = PrefixLM(loader)
     if ul2:  # each row's noise is seeded by its tokens: a rank's or a micro-batch's rows are denoised as in one batch
         loader = DenoisingLoader(loader, "ul2", 64, n_sentinels=8, seed=0)
+    if encdec:
+        loader = DenoisingLoader(loader, "span_corruption", 64, n_sentinels=8, seed=0, encoder_decoder=True)
     # "-docs": a final validation on the same 8 sequences (one batch of 8, a pipeline's two of 4, or 4 on each of two
     # data-parallel ranks), each stage taking the document mask (equally many targets per batch)
     val = BatchLoader(ds, micro, 16, seed=1, rank=rank, world_size=world, doc_info=True) if docs else None

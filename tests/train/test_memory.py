@@ -37,6 +37,10 @@ def test_validator_refuses_kv_heads_ffn_moe_tied_and_short_pipelines():
         validate_layout(tiny_cfg(n_experts=4), 2, tp=2)
     with pytest.raises(ValueError, match=re.escape("tie_embeddings=True") + ".*pp=2"):
         validate_layout(tiny_cfg(tie_embeddings=True), 2, pp=2)
+    with pytest.raises(ValueError, match=re.escape("pos=t5") + ".*pp=2"):
+        validate_layout(tiny_cfg(pos="t5", tie_embeddings=False), 2, pp=2)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        validate_layout(tiny_cfg(arch="encoder_decoder", pos="t5", tie_embeddings=False), 2, pp=2)
     with pytest.raises(ValueError, match=re.escape("n_microbatches=3 < pp=4")):
         validate_layout(tiny_cfg(n_layers=4), 4, pp=4, n_microbatches=3)
 

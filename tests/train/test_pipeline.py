@@ -67,6 +67,10 @@ def test_stage_refusals():
         make_stage(Transformer(cfg), 0, 2)
     with pytest.raises(ValueError, match="micro-batches never fill"):
         pipeline_schedule(Transformer(cfg), 0, 2, "cpu", 1)
+    t5 = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, tie_embeddings=False, pos="t5")
+    with pytest.raises(ValueError, match="T5 relative-position biases"):  # one table that every stage would copy
+        make_stage(Transformer(t5), 1, 2)
+    assert make_stage(Transformer(t5), 0, 1).t5_bias is not None  # (one stage holds every layer)
 
 
 def test_trainer_refuses_what_a_pipeline_cannot_run():
