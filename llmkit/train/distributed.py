@@ -108,7 +108,9 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
     """Shard attention heads and FFN width over `tp_mesh` (Megatron-LM column/row split): every block of the
     decoder and of an encoder, cross-attention included. Position biases follow the heads: each rank keeps the
     ALiBi slopes of its own heads, and T5's bias table is split by head columns (a DTensor, so each rank trains
-    its heads' biases)."""
+    its heads' biases). QK-norm weights (one over head_dim, for all heads) stay whole on every rank, which computes
+    their gradient from its own heads only: `sync_tp_grads` sums it over the TP ranks after each backward, as
+    Megatron-LM all-reduces such duplicated weights' gradients."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     cfg = model.cfg
@@ -130,6 +132,12 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
             plan["mlp.gate"] = ColwiseParallel()
         plan.update({"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
         parallelize_module(blk, tp_mesh, plan)
+    group = tp_mesh.get_group()
+    for blk in [*model.layers, *(getattr(model, "encoder", None) or [])]:
+        for attn in (blk.attn, blk.cross_attn):
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:  # one weight over head_dim serves all heads; each rank sees only its own
+                    norm.tp_partial_group = group  # -> `sync_tp_grads` sums its gradient over the TP ranks
     for name in ("t5_bias", "enc_t5_bias"):  # [buckets, heads] -> this rank's head columns
         if getattr(model, name, None) is not None:
             parallelize_module(getattr(model, name), tp_mesh, {"emb": ColwiseParallel()})
@@ -138,6 +146,20 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
         r = tp_mesh.get_local_rank()
         model.alibi = model.alibi[r * local:(r + 1) * local].clone()
     return model
+
+
+def sync_tp_grads(model: nn.Module) -> None:
+    """Sum over the tensor-parallel ranks the gradients that each rank computes from its own heads only (the
+    modules `apply_tp` marks: QK-norm weights), so that these duplicated weights take the one-process step. Under
+    FSDP2 + TP the gradient is a DTensor sharded over dp; TP peers hold the same shard and sum its local part."""
+    for m in model.modules():
+        group = getattr(m, "tp_partial_group", None)
+        if group is None:
+            continue
+        for p in m.parameters():
+            if p.grad is not None:
+                g = p.grad
+                dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g, group=group)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, cfg: DistConfig) -> nn.Module:
@@ -251,6 +273,11 @@ class TorchDist:
     def wrap(self, model: nn.Module) -> nn.Module:
         self.model = parallelize(model, self.info, self.cfg)
         return self.model
+
+    def sync_grads(self, model: nn.Module) -> None:
+        """After the step's backward passes: the TP ranks' partial gradients summed (`sync_tp_grads`)."""
+        if "tp" in self.cfg.strategy:
+            sync_tp_grads(model)
 
     def no_sync(self, model: nn.Module):
         import contextlib

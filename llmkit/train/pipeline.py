@@ -213,6 +213,13 @@ class PipelineDist:
         self._global = {id(p): self._names[n] for n, p in self.model.named_parameters()}
         return self.model
 
+    def sync_grads(self, model: nn.Module) -> None:
+        """After the step's backward passes: the TP ranks' partial gradients summed (`distributed.sync_tp_grads`)."""
+        if self.tp > 1:
+            from .distributed import sync_tp_grads
+
+            sync_tp_grads(model)
+
     # ------------------------------------------------------------------ steps
     def pipeline_step(self, model: nn.Module, batches: list[dict], z_loss: float = 0.0) -> torch.Tensor:
         """Forward and backward of one optimizer step's micro-batches through the pipeline; the loss over the

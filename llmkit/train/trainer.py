@@ -28,7 +28,8 @@ scheduled learning rate.
 `Dist` protocol (all optional except rank/world_size): `rank`, `world_size`, `device`,
 `wrap(model) -> model` (DDP / FSDP2 / TP applied from outside), `no_sync(model)` context for all
 but the last micro-batch, `reduce_mean(tensor)` (the mean over ranks: logging, target-token weights),
-`clip_grad_norm(params, max_norm)`, `model_state_dict(model)` / `load_model_state_dict(model, sd)` for sharded checkpoints, `barrier()`.
+`sync_grads(model)` after the step's backward passes, `clip_grad_norm(params, max_norm)`,
+`model_state_dict(model)` / `load_model_state_dict(model, sd)` for sharded checkpoints, `barrier()`.
 """
 from __future__ import annotations
 
@@ -177,7 +178,9 @@ class Trainer:
         """Forward/backward over the micro-batches; returns (loss, metrics) without stepping the optimiser."""
         if self.pipelined:
             with self._autocast():
-                return float(self.dist.pipeline_step(self.model, batches, self.cfg.z_loss)), {}
+                loss = float(self.dist.pipeline_step(self.model, batches, self.cfg.z_loss))
+            self.dist.sync_grads(self.model)
+            return loss, {}
         weights = self._weights(batches)
         total = torch.zeros((), device=self.device)
         agg: dict[str, float] = {}
@@ -193,6 +196,8 @@ class Trainer:
             total += loss.detach() * w
             for k, v in (metrics or {}).items():  # tensors stay on the device until logged
                 agg[k] = agg.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) * w
+        if self.dist is not None and hasattr(self.dist, "sync_grads"):  # (tensor parallelism's partial gradients)
+            self.dist.sync_grads(self.model)
         if self.dist is not None and hasattr(self.dist, "reduce_mean"):
             total = self.dist.reduce_mean(total)
         return float(total), agg

@@ -44,13 +44,14 @@ def main(strategy: str, out: str) -> None:
     # "<strategy>-ac": with per-block activation checkpointing (the single-process reference runs without it);
     # "<strategy>-prefix": prefix-LM batches; "<strategy>-docs": packed documents, each attending only within itself
     # "<strategy>-ul2": UL2's mixture of denoisers, decoder-only; "<strategy>-alibi": ALiBi position biases;
-    # "<strategy>-encdec": a T5-style encoder-decoder (T5 bias buckets) on span corruption (each: also the
-    # single-process reference)
+    # "<strategy>-encdec": a T5-style encoder-decoder (T5 bias buckets) on span corruption; "<strategy>-qknorm":
+    # QK-norm (each: also the single-process reference)
     strategy, prefix = strategy.removesuffix("-prefix"), strategy.endswith("-prefix")
     strategy, docs = strategy.removesuffix("-docs"), strategy.endswith("-docs")
     strategy, ul2 = strategy.removesuffix("-ul2"), strategy.endswith("-ul2")
     strategy, alibi = strategy.removesuffix("-alibi"), strategy.endswith("-alibi")
     strategy, encdec = strategy.removesuffix("-encdec"), strategy.endswith("-encdec")
+    strategy, qknorm = strategy.removesuffix("-qknorm"), strategy.endswith("-qknorm")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -62,7 +63,7 @@ def main(strategy: str, out: str) -> None:
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
     vocab = special_vocab(64, 8) if ul2 or encdec else 64  # [R], [S], [X] and 8 sentinels above the 64 token ids
-    extra = dict(pos="alibi") if alibi else {}
+    extra = dict(pos="alibi") if alibi else dict(qk_norm=True) if qknorm else {}
     if encdec:  # T5-style: relative position buckets, the encoder reads the corrupted spans
         extra = dict(arch="encoder_decoder", pos="t5", n_encoder_layers=2)
     model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False,
