@@ -11,6 +11,7 @@ from llmkit.model import ModelConfig, Transformer
 from llmkit.train.config import TrainConfig
 from llmkit.train.denoising import DenoisingLoader, special_vocab
 from llmkit.train.distributed import DistConfig, TorchDist, full_state_dict
+from llmkit.train.memory import estimate_memory
 from llmkit.train.pipeline import PipelineDist
 from llmkit.train.trainer import Trainer
 
@@ -95,11 +96,17 @@ def main(strategy: str, out: str) -> None:
                       hooks=[lambda tr, rec: (losses.append(rec["loss"]), tokens.append(rec["tokens"]))])
     final = trainer.fit(resume=False)
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
+    # the bytes of the parameters this rank holds (its local shards), and what the memory planner says they are
+    local = sum(4 * (p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
+    plain = not (prefix or docs or ul2 or alibi or encdec or qknorm or ac)  # (models the planner covers)
+    planned = estimate_memory(model.cfg, micro_batch=micro, seq_len=16, tp=2)["params"] \
+        if strategy == "tp" and plain else None
     n_fused = torch.tensor(len(fused))
     if dist is not None:  # (a pipeline's head and loss live on its last stage)
         torch.distributed.all_reduce(n_fused)
     if (dist is None or dist.rank == 0):
         json.dump({"losses": losses, "tokens": tokens, "fused": int(n_fused), "val_loss": final.get("val_loss"),
+                   "local_param_bytes": local, "planned_param_bytes": planned,
                    "params": {k: v.flatten()[:16].tolist() for k, v in sd.items()}}, open(out, "w"))
     if dist is not None:
         dist.barrier()

@@ -95,7 +95,8 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     denoisers on a decoder-only model (rows padded to the window; ranks and micro-batches denoise a row alike);
     "-alibi": ALiBi biases (each TP rank keeps its heads' slopes); "-encdec": a T5-style encoder-decoder on span
     corruption (TP splits the encoder's blocks, cross-attention and the T5 bias table by heads too); "-qknorm":
-    QK-norm, whose weights every TP rank holds whole but trains from its own heads (their gradients are summed)."""
+    QK-norm, whose weights every TP rank holds whole but trains from its own heads (their gradients are summed).
+    Under plain TP the rank's parameter shards also weigh what the memory planner (`estimate_memory(tp=2)`) says."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
@@ -115,6 +116,9 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     assert len(a["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], abs=2e-5)
     assert b["tokens"] == a["tokens"]
+    assert (b["planned_param_bytes"] is not None) == (strategy == "tp")
+    if strategy == "tp":
+        assert b["local_param_bytes"] == b["planned_param_bytes"] < a["local_param_bytes"]
     if suffix != "-encdec":  # (an encoder-decoder counts its decoder's tokens, the corrupted spans' targets)
         assert a["tokens"] == [8 * 16 * (i + 1) for i in range(4)]
     assert (a["val_loss"] is not None) == strategy.endswith(("-docs", "-ul2"))
