@@ -1,8 +1,12 @@
 """Observability of a training run (survey §4.3): metrics.jsonl, TensorBoard, W&B, progress bar, FLOPs and MFU.
 
 Implements:
-- `flops_per_token(cfg, seq_len)`: training FLOPs per token, 6*N (weights, forward + backward) plus
-  the attention score/value matmuls 6*L*T*d_attn (Kaplan et al. 2020; the PaLM appendix B count);
+- `step_flops(cfg, tokens, seq_len, enc_tokens, enc_len)` / `batch_flops(cfg, batch)` / `flops_per_token(cfg,
+  seq_len)`: training FLOPs, 6*N per position (the matmul weights it passes: MoE counts its routed experts, an
+  encoder-decoder its encoder's weights per encoder position and its decoder's per decoder position) plus the
+  attention score/value matmuls, 6*L*T*d_attn per token for causal self-attention (Kaplan et al. 2020; the PaLM
+  appendix B count) and all S keys for cross-attention and the encoder; the Trainer's MFU sums it over the
+  step's real batches;
 - `measured_peak_flops(dtype, device)`: the machine's own matmul peak, measured once (MFU is
   reported against what the hardware really does, not a datasheet);
 - `MetricsLogger`: one JSON object per logged step in `RUN_DIR/metrics.jsonl` (`step`, `loss`,
@@ -24,13 +28,41 @@ import torch
 from ..artifacts import atomic_write_text
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (non-embedding matmul params + LM head) + 6 * L * T * (h * hd)."""
-    n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model  # the head is a matmul
-    attn = cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+def step_flops(cfg, tokens: int, seq_len: int, enc_tokens: int = 0, enc_len: int = 0,
+               causal_exact: bool = True) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of `tokens` decoder positions in sequences of `seq_len`
+    and, for an encoder-decoder, `enc_tokens` encoder positions in sequences of `enc_len`: 2 per matmul weight a
+    position passes (MoE: the experts it is routed to; the head included, not the embedding lookup; cross-attention
+    projects keys and values from the encoder's positions) plus 4 x h x hd
+    per (query, key) pair. The decoder's causal self-attention counts half its T keys (PaLM's 6 L T h hd per token);
+    cross-attention and the encoder count all of theirs. causal_exact=False counts the dense T x T products."""
+    from .scaling import matmul_params
+
+    pair = 4 * cfg.n_heads * cfg.head_dim  # q.k and p.v, one multiply-add each
+    enc_w = 0  # weights an encoder position passes: the encoder's, and every cross-attention's key/value projections
     if cfg.arch == "encoder_decoder":
-        attn += cfg.n_encoder_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 6.0 * n + 6.0 * attn
+        d, hd, h, kv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        enc_w = cfg.n_encoder_layers * (d * hd * (h + 2 * kv) + h * hd * d + d * cfg.d_ff * (3 if cfg.is_glu else 2))
+        enc_w += cfg.n_layers * 2 * d * hd * kv
+    fwd = tokens * (2 * (matmul_params(cfg) - enc_w) + cfg.n_layers * pair * (seq_len / 2 if causal_exact else seq_len))
+    if cfg.arch == "encoder_decoder":
+        fwd += tokens * cfg.n_layers * pair * enc_len  # cross-attention over the encoder's positions
+        fwd += enc_tokens * (2 * enc_w + cfg.n_encoder_layers * pair * enc_len)
+    return 3.0 * fwd
+
+
+def batch_flops(cfg, batch: dict) -> float:
+    """`step_flops` of one micro-batch (its decoder `input_ids` and any `encoder_input_ids`)."""
+    ids, enc = batch["input_ids"], batch.get("encoder_input_ids")
+    return step_flops(cfg, ids.numel(), ids.shape[1], enc.numel() if enc is not None else 0,
+                      enc.shape[1] if enc is not None else 0)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of sequences `seq_len` long (`step_flops` of one position; an encoder-decoder's
+    encoder reads as many positions as its decoder)."""
+    encdec = cfg.arch == "encoder_decoder"
+    return step_flops(cfg, 1, seq_len, 1 if encdec else 0, seq_len if encdec else 0)
 
 
 @lru_cache(maxsize=None)

@@ -44,7 +44,7 @@ from torch import nn
 from ..model.layers import fused_f32
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .metrics import MetricsLogger, Progress, flops_per_token, measured_peak_flops
+from .metrics import MetricsLogger, Progress, batch_flops, measured_peak_flops
 from .objectives import IGNORE, make_loss_fn
 from .optim import build_optimizer, named_trainable
 from .schedules import accum_steps_at, lr_at
@@ -262,6 +262,7 @@ class Trainer:
         self._it = iter(self.train_data)
         bar = Progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
         t_start, t_log, tok_log, step_log = time.perf_counter() - self.wall_offset, time.perf_counter(), 0, self.step
+        flops_log = 0.0
         last = {}
         while self.step < cfg.max_steps:
             lr = self.set_lr(self.step)
@@ -273,13 +274,14 @@ class Trainer:
                 bad = "nan_grad"
             if bad is not None:
                 self._rollback(self.step, bad, loss)
-                t_log, tok_log, step_log = time.perf_counter(), 0, self.step
+                t_log, tok_log, flops_log, step_log = time.perf_counter(), 0, 0.0, self.step
                 continue
             applied = self._apply()
             self.detector.update(loss)
             ntok = sum(int(b["input_ids"].numel()) for b in batches) * self.dp_world
             self.tokens_seen += ntok
             tok_log += ntok
+            flops_log += self._flops(batches) * self.dp_world
             self.step += 1
             last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **metrics}
             if self.scaler is not None:  # fp16: the scale after this step, and whether the update was skipped
@@ -287,11 +289,11 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 now = time.perf_counter()
                 tps = tok_log / max(now - t_log, 1e-9)
-                rec = {**_floats(last), "tokens": self.tokens_seen, "tokens_per_s": tps, "mfu": self.mfu(tps),
-                       "wall_time": now - t_start}
+                rec = {**_floats(last), "tokens": self.tokens_seen, "tokens_per_s": tps,
+                       "mfu": self.mfu(flops_log / max(now - t_log, 1e-9)), "wall_time": now - t_start}
                 self.logger.log(rec)
                 bar.update(self.step - step_log, loss=loss, tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
-                t_log, tok_log, step_log = now, 0, self.step
+                t_log, tok_log, flops_log, step_log = now, 0, 0.0, self.step
                 for h in self.hooks:
                     h(self, rec)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
@@ -381,12 +383,20 @@ class Trainer:
             print(f"\n[step {self.step}] val_loss {val:.4f} sample:\n{rec['sample']}\n", flush=True)
         return val
 
-    def mfu(self, tokens_per_s: float) -> float:
+    def _flops(self, batches: list[dict]) -> float:
+        """Training FLOPs of this rank's micro-batches (`metrics.batch_flops`: their real decoder and encoder
+        lengths), 0 without an llmkit model config."""
+        if self.model_config is None or not hasattr(self.model_config, "num_params"):
+            return 0.0
+        return sum(batch_flops(self.model_config, b) for b in batches)
+
+    def mfu(self, flops_per_s: float) -> float:
+        """Model FLOPs utilisation: the run's training FLOP/s over the measured matmul peak of all its devices."""
         if self.model_config is None or not hasattr(self.model_config, "num_params"):
             return 0.0
         if self._peak is None:
             self._peak = measured_peak_flops(self.cfg.dtype if self.cfg.dtype != "fp32" else "fp32", str(self.device))
-        return tokens_per_s * flops_per_token(self.model_config, self.cfg.seq_len) / (self._peak * self.world)
+        return flops_per_s / (self._peak * self.world)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:

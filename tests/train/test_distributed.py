@@ -85,8 +85,8 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-prefix",
-                                      "pp-docs", "pp-ul2", "fsdp-ul2", "pp+dp+tp-ul2", "tp-alibi",
-                                      "tp-encdec", "fsdp+tp-encdec", "tp-qknorm", "pp+dp+tp-qknorm"])
+                                      "pp-docs", "fsdp-ul2", "pp+dp+tp-ul2", "tp-alibi", "fsdp+tp-encdec",
+                                      "tp-qknorm", "pp+dp+tp-qknorm"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank). "-prefix": prefix-LM batches

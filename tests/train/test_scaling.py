@@ -83,3 +83,28 @@ def test_scaling_cli_trains_a_ladder_and_fits(tmp_path):
     mtime = (out / "runs.jsonl").stat().st_mtime_ns
     assert main(args) == 0 and (out / "runs.jsonl").stat().st_mtime_ns == mtime
     assert main(["--runs", str(out / "runs.jsonl"), "--out", str(tmp_path / "refit")]) == 0
+
+
+@pytest.mark.parametrize("kw", [dict(arch="encoder_decoder", n_encoder_layers=3, pos="t5"),
+                                dict(n_experts=4, moe_top_k=2, moe_capacity_factor=None)])
+def test_step_flops_equal_torch_flop_counter(kw):
+    """The Trainer's MFU numerator (`metrics.batch_flops`) against torch's counter: an encoder-decoder reading 20
+    encoder and 9 decoder positions (its encoder's weights per encoder position, cross-attention over all 20),
+    and an MoE model (only the routed experts' weights count). Soft-capping makes every attention product explicit,
+    so the counter sees them all (the dense count)."""
+    from llmkit.train.metrics import batch_flops, step_flops
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, attn_softcap=1e4, **kw)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    batch = {"input_ids": torch.randint(0, 64, (3, 9))}
+    if cfg.arch == "encoder_decoder":
+        batch["encoder_input_ids"] = torch.randint(0, 64, (3, 20))
+    kw_in = {k: v for k, v in batch.items() if k != "input_ids"}
+    dense = step_flops(cfg, 27, 9, 60 if kw_in else 0, 20 if kw_in else 0, causal_exact=False)
+    with FlopCounterMode(display=False) as fc:
+        m(batch["input_ids"], **kw_in)
+    assert fc.get_total_flops() == dense / 3  # (MoE: each expert runs on the tokens routed to it, top_k per token)
+    # the Trainer's count: the decoder's causal self-attention at half its keys, everything else whole
+    half = 3 * 27 * cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * 9 / 2
+    assert batch_flops(cfg, batch) == dense - half
