@@ -33,18 +33,15 @@ def step_flops(cfg, tokens: int, seq_len: int, enc_tokens: int = 0, enc_len: int
     """Training FLOPs (forward + backward = 3 x forward) of `tokens` decoder positions in sequences of `seq_len`
     and, for an encoder-decoder, `enc_tokens` encoder positions in sequences of `enc_len`: 2 per matmul weight a
     position passes (MoE: the experts it is routed to; the head included, not the embedding lookup; cross-attention
-    projects keys and values from the encoder's positions) plus 4 x h x hd
-    per (query, key) pair. The decoder's causal self-attention counts half its T keys (PaLM's 6 L T h hd per token);
-    cross-attention and the encoder count all of theirs. causal_exact=False counts the dense T x T products."""
-    from .scaling import matmul_params
+    projects keys and values from the encoder's positions) plus 4 x h x hd per (query, key) pair. The decoder's
+    causal self-attention counts half its T keys (PaLM's 6 L T h hd per token); cross-attention and the encoder
+    count all of theirs. causal_exact=False counts the dense T x T products."""
+    from .scaling import encoder_side_params, matmul_params
 
     pair = 4 * cfg.n_heads * cfg.head_dim  # q.k and p.v, one multiply-add each
-    enc_w = 0  # weights an encoder position passes: the encoder's, and every cross-attention's key/value projections
-    if cfg.arch == "encoder_decoder":
-        d, hd, h, kv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        enc_w = cfg.n_encoder_layers * (d * hd * (h + 2 * kv) + h * hd * d + d * cfg.d_ff * (3 if cfg.is_glu else 2))
-        enc_w += cfg.n_layers * 2 * d * hd * kv
-    fwd = tokens * (2 * (matmul_params(cfg) - enc_w) + cfg.n_layers * pair * (seq_len / 2 if causal_exact else seq_len))
+    enc_w = encoder_side_params(cfg)  # (the encoder's blocks and the cross-attention's key/value projections)
+    self_keys = seq_len / 2 if causal_exact else seq_len
+    fwd = tokens * (2 * (matmul_params(cfg) - enc_w) + cfg.n_layers * pair * self_keys)
     if cfg.arch == "encoder_decoder":
         fwd += tokens * cfg.n_layers * pair * enc_len  # cross-attention over the encoder's positions
         fwd += enc_tokens * (2 * enc_w + cfg.n_encoder_layers * pair * enc_len)

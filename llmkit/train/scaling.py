@@ -25,12 +25,26 @@ from ..model.config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
+def _block_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """Matmul weights of one attention (q, k, v, o) and of one dense MLP."""
+    d, hd, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
+    return d * hd * (h + 2 * kv) + h * hd * d, d * f * (3 if cfg.is_glu else 2)
+
+
+def encoder_side_params(cfg: ModelConfig) -> int:
+    """Of `matmul_params`, the weights an encoder-decoder runs per *encoder* position: the encoder's blocks and
+    every cross-attention's key/value projections (0 for a decoder-only model)."""
+    if cfg.arch != "encoder_decoder":
+        return 0
+    attn, mlp = _block_weights(cfg)
+    return cfg.n_encoder_layers * (attn + mlp) + cfg.n_layers * 2 * cfg.d_model * cfg.head_dim * cfg.n_kv_heads
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: every Linear plus the output projection (not the
     embedding lookup, not norms or biases). MoE counts only the k experts a token is routed to."""
-    d, hd, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    attn = d * hd * (h + 2 * kv) + h * hd * d
-    mlp = d * f * (3 if cfg.is_glu else 2)
+    d = cfg.d_model
+    attn, mlp = _block_weights(cfg)
     total = 0
     for i in range(cfg.n_layers):
         ffn = (mlp * cfg.moe_top_k + d * cfg.n_experts) if cfg.is_moe_layer(i) else mlp
