@@ -50,12 +50,12 @@ def build_run(recipe, out_dir: Path, *, texts=None, tokenizer=None, dist=None):
     train, val = wrap_objective(objective, train, val, mcfg, recipe.data, cfg.seed)
     model = Transformer(mcfg)
     pipelined = hasattr(dist, "pipeline_step")
-    if pipelined and mcfg.arch == "encoder_decoder":  # (every objective's decoder-only batches pipeline alike)
-        raise SystemExit(f"llmkit pretrain: LLMKIT_DIST=pp takes decoder-only models; this recipe's model is "
-                         f"encoder-decoder (data.objective={objective}): use ddp/fsdp/tp")
-    trainer = Trainer(model, cfg, train, loss_fn=None if pipelined else make_loss_fn(objective, cfg.z_loss),
-                      out_dir=out_dir,
-                      val_data=val, dist=dist, tokenizer=tokenizer, model_config=mcfg, recipe=recipe.to_dict())
+    try:  # the layouts refuse what they cannot run (pipeline stages, tensor parallelism): said plainly, no traceback
+        trainer = Trainer(model, cfg, train, loss_fn=None if pipelined else make_loss_fn(objective, cfg.z_loss),
+                          out_dir=out_dir, val_data=val, dist=dist, tokenizer=tokenizer, model_config=mcfg,
+                          recipe=recipe.to_dict())
+    except ValueError as e:
+        raise SystemExit(f"llmkit pretrain: {e}") from None
     return trainer, tokenizer
 
 

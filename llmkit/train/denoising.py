@@ -170,7 +170,7 @@ class DenoisingLoader:
                  seed: int = 0, n_sentinels: int = 100, mixture=None, pad_id: int = 0, start_id: int = 0):
         self.base, self.objective, self.vocab = base_loader, objective, base_vocab
         self.encdec, self.seed, self.n_sentinels = encoder_decoder, seed, n_sentinels
-        self.pad_id, self.start_id, self.count = pad_id, start_id, 0
+        self.pad_id, self.start_id = pad_id, start_id
         if objective == "ul2":
             self.denoisers = list(UL2_DENOISERS)
             w = np.asarray(mixture if mixture is not None else [1.0] * len(self.denoisers), dtype=np.float64)
@@ -193,7 +193,6 @@ class DenoisingLoader:
     def __next__(self) -> dict:
         raw = next(self.base)
         epoch = int(getattr(self.base, "epoch", 0))  # (BatchLoader: the epoch of the batch just read)
-        self.count += 1
         rows = torch.cat([raw["input_ids"], raw["labels"][:, -1:]], 1).numpy()
         rngs = [self._rng(r, epoch) for r in rows]
         if self.objective == "prefix_lm":  # prefix length uniform in [1, T): every row keeps >= 1 target
@@ -210,11 +209,10 @@ class DenoisingLoader:
         return collate_decoder(examples, self.pad_id, length=budget)
 
     def state_dict(self) -> dict:
-        return {"base": self.base.state_dict(), "count": self.count}
+        return {"base": self.base.state_dict()}  # (the noise needs no count: each row seeds its own)
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
-        self.count = int(state["count"])
 
 
 def wrap_objective(objective: str, train, val, mcfg, data: dict, seed: int):

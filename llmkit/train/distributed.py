@@ -124,6 +124,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
         return {f"{prefix}.q": ColwiseParallel(), f"{prefix}.k": ColwiseParallel(), f"{prefix}.v": ColwiseParallel(),
                 f"{prefix}.o": RowwiseParallel()}
 
+    group = tp_mesh.get_group()
     for blk in [*model.layers, *(getattr(model, "encoder", None) or [])]:
         plan = heads("attn")
         if blk.cross_attn is not None:
@@ -132,8 +133,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
             plan["mlp.gate"] = ColwiseParallel()
         plan.update({"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
         parallelize_module(blk, tp_mesh, plan)
-    group = tp_mesh.get_group()
-    for blk in [*model.layers, *(getattr(model, "encoder", None) or [])]:
         for attn in (blk.attn, blk.cross_attn):
             for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
                 if norm is not None:  # one weight over head_dim serves all heads; each rank sees only its own
@@ -151,15 +150,27 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
 def sync_tp_grads(model: nn.Module) -> None:
     """Sum over the tensor-parallel ranks the gradients that each rank computes from its own heads only (the
     modules `apply_tp` marks: QK-norm weights), so that these duplicated weights take the one-process step. Under
-    FSDP2 + TP the gradient is a DTensor sharded over dp; TP peers hold the same shard and sum its local part."""
+    FSDP2 + TP the gradient is a DTensor sharded over dp; TP peers hold the same shard and sum its local part.
+    One all-reduce for all of them (they are small: two head_dim vectors a layer)."""
+    group, grads = None, []
     for m in model.modules():
-        group = getattr(m, "tp_partial_group", None)
-        if group is None:
-            continue
-        for p in m.parameters():
-            if p.grad is not None:
-                g = p.grad
-                dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g, group=group)
+        if getattr(m, "tp_partial_group", None) is not None:
+            group = m.tp_partial_group
+            grads += [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                      for p in m.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over every rank of the default group (`t` itself outside torchrun)."""
+    if not dist.is_initialized():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, cfg: DistConfig) -> nn.Module:
@@ -290,11 +301,7 @@ class TorchDist:
         return contextlib.nullcontext()
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if not dist.is_initialized():
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t)
-        return t / self.world_size
+        return mean_over_ranks(t)
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Global-norm clipping over DTensor shards (the norm reduced across ranks) and plain tensors.

@@ -279,9 +279,9 @@ class PipelineDist:
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of `t` over all ranks (the Trainer's evaluation: every rank of a pipeline holds its loss)."""
-        t = t.detach().clone()
-        dist.all_reduce(t)
-        return t / self.world_size
+        from .distributed import mean_over_ranks
+
+        return mean_over_ranks(t)
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across the stages (each holds a disjoint part of the parameters) and, under FSDP2,

@@ -391,8 +391,9 @@ class Trainer:
         return sum(batch_flops(self.model_config, b) for b in batches)
 
     def mfu(self, flops_per_s: float) -> float:
-        """Model FLOPs utilisation: the run's training FLOP/s over the measured matmul peak of all its devices."""
-        if self.model_config is None or not hasattr(self.model_config, "num_params"):
+        """Model FLOPs utilisation: the run's training FLOP/s over the measured matmul peak of all its devices (0
+        when `_flops` counts none: no llmkit model config)."""
+        if not flops_per_s:
             return 0.0
         if self._peak is None:
             self._peak = measured_peak_flops(self.cfg.dtype if self.cfg.dtype != "fp32" else "fp32", str(self.device))

@@ -93,3 +93,26 @@ def test_demo_hook_small(tmp_path, capsys):
     assert "sample" in text and (out / "loss_curve.png").exists() and (out / "report.html").exists()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 6 and any("val_loss" in r for r in recs)
+
+
+@pytest.mark.parametrize("extra, msg", [("arch: encoder_decoder, pos: t5, tie_embeddings: false",
+                                         "encoder-decoder model is refused"),
+                                        ("tie_embeddings: true", "tied input/output embeddings")])
+def test_pipeline_refusals_reach_the_user_plainly(tmp_path, extra, msg):
+    """What a layout refuses (here `pipeline.make_stage` on the last of 2 stages) ends `llmkit pretrain` with the
+    refusal itself, not a traceback: `build_run` turns the Trainer's ValueError into SystemExit."""
+    from llmkit.train.cli import build_run
+    from llmkit.train.pipeline import make_stage
+
+    class TwoStages:  # the Trainer's pipeline test is `pipeline_step`; `wrap` cuts the stage as PipelineDist does
+        pipeline_step, rank, world_size, device = None, 1, 2, torch.device("cpu")
+
+        def wrap(self, model):
+            return make_stage(model, 1, 2)
+
+    text = tmp_path / "c.txt"
+    text.write_text("to be or not to be " * 200)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(text=text).replace("max_seq_len: 64}", f"max_seq_len: 64, {extra}}}"))
+    with pytest.raises(SystemExit, match="llmkit pretrain: .*" + msg):
+        build_run(load_recipe(str(recipe)), tmp_path / "run", dist=TwoStages())
