@@ -39,7 +39,7 @@ def check_supported(cfg) -> None:
         "qk_norm": cfg.qk_norm, "pos": cfg.pos not in ("rope", "learned", "none"),
         "rope_fraction": cfg.pos == "rope" and cfg.rope_fraction != 1.0, "rope_local_theta": cfg.rope_local_theta,
         "sliding_window": cfg.sliding_window, "attn_softcap": cfg.attn_softcap, "n_experts": cfg.n_experts,
-        "final_norm": not cfg.final_norm,
+        "final_norm": not cfg.final_norm, "block_pos": cfg.block_pos,
     }
     bad = [k for k, v in problems.items() if v]
     if bad:

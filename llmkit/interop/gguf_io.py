@@ -249,6 +249,8 @@ def _check_llama_like(cfg: ModelConfig) -> None:
         bad.append("no biases except q/k/v (qwen2), no qk-norm, norm offset or sandwich norms")
     if cfg.n_experts or cfg.sliding_window or cfg.embed_scale or cfg.logit_softcap or cfg.attn_softcap or cfg.rope_scaling:
         bad.append("no MoE, sliding window, embedding scale, soft-capping or rope scaling")
+    if cfg.block_pos:
+        bad.append("no GLM block positions")
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9 or cfg.rope_fraction != 1.0:
         bad.append("default attention scale and full rotary")
     if bad:

@@ -69,6 +69,7 @@ class ModelConfig:
     rope_fraction: float = 1.0  # rotate only this fraction of head_dim (GPT-NeoX / Phi style)
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
+    block_pos: bool = False  # GLM's 2D positions: a learned table of intra-span positions added to the embeddings
     # ---- feed-forward
     activation: str = "swiglu"
     # ---- attention
@@ -126,6 +127,8 @@ class ModelConfig:
             check_choice(self, name, options)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.block_pos and self.arch == "encoder_decoder":
+            raise ConfigError("block_pos (GLM's 2D positions) belongs to decoder-only models; this one is encoder_decoder")
         if self.pos == "rope" and int(self.head_dim * self.rope_fraction) % 2:
             raise ConfigError("RoPE needs an even number of rotary dimensions; change head_dim or rope_fraction")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS:
@@ -194,6 +197,8 @@ class ModelConfig:
                 total += self.max_seq_len * d * (2 if self.arch == "encoder_decoder" else 1)
             if self.pos == "t5":
                 total += self.t5_num_buckets * h * (2 if self.arch == "encoder_decoder" else 1)
+            if self.block_pos:
+                total += self.max_seq_len * d
         return total
 
     # ------------------------------------------------------------------ io

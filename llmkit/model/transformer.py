@@ -6,7 +6,9 @@ and projects to the vocabulary. Architecture variation is data in `ModelConfig`,
 
 `model(input_ids)` -> logits [B, T, V]. Optional arguments used by the trainer and the engine:
 positions [B, T], attn_mask [B, cache_len + T] (True = real token), cache (KVCache),
-prefix_len [B] (bidirectional prefix), encoder_input_ids / encoder_attn_mask (encoder-decoder).
+prefix_len [B] (bidirectional prefix), block_positions [B, T] (GLM's second position id, with `block_pos`: a token's
+place inside the blank it fills, 0 elsewhere and when not given), encoder_input_ids / encoder_attn_mask
+(encoder-decoder).
 """
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ class Transformer(nn.Module):
             self.enc_pos_embed = nn.Embedding(cfg.max_seq_len, d) if encdec else None
         elif cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
+        if cfg.block_pos:  # GLM (Du et al. 2022): intra-span positions, 0 for Part A and for ordinary text
+            self.block_pos_embed = nn.Embedding(cfg.max_seq_len, d)
         if cfg.pos == "rope":
             self.rope_global = Rotary(cfg, cfg.rope_theta)
             local_base = cfg.rope_local_theta
@@ -137,7 +141,8 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
         return self.cfg.moe_aux_loss_coef * sum(losses) if losses else torch.zeros((), device=self.device)
 
-    def _embed(self, ids: torch.Tensor, positions: torch.Tensor, pos_table: nn.Embedding | None) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor, pos_table: nn.Embedding | None,
+               block_positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(ids)
         if self.cfg.embed_grad_scale != 1.0:  # GLM-130B: shrink the embedding gradient by alpha
             a = self.cfg.embed_grad_scale
@@ -148,6 +153,9 @@ class Transformer(nn.Module):
             x = x + pos_table(positions)
         elif self.cfg.pos == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
+        if getattr(self, "block_pos_embed", None) is not None:  # (a pipeline's first stage holds it)
+            blk = self.block_pos_embed
+            x = x + (blk(block_positions) if block_positions is not None else blk.weight[0])
         return x
 
     def _rope(self, positions: torch.Tensor) -> dict:
@@ -180,6 +188,7 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         prefix_len: torch.Tensor | int | None = None,
+        block_positions: torch.Tensor | None = None,
         encoder_input_ids: torch.Tensor | None = None,
         encoder_attn_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
@@ -200,7 +209,7 @@ class Transformer(nn.Module):
         if isinstance(prefix_len, int):
             prefix_len = torch.full((B,), prefix_len, device=dev)
         if self.embed is not None:
-            x = self._embed(input_ids, positions, getattr(self, "pos_embed", None))
+            x = self._embed(input_ids, positions, getattr(self, "pos_embed", None), block_positions)
         else:
             x = input_ids
 

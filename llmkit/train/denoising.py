@@ -1,4 +1,4 @@
-"""Denoising objectives of survey §4.2.3 (D2, D3): T5 span corruption and the UL2 mixture of denoisers.
+"""Denoising objectives of survey §4.2.3 (D2, D3): T5 span corruption, GLM blank infilling and the UL2 mixture.
 
 Implements:
 - `random_spans_noise_mask(L, rate, mean_span, rng)`: T5's sampler (Raffel et al. 2020,
@@ -9,6 +9,14 @@ Implements:
 - the UL2 denoisers (Tay et al. 2022): R (mean span 3 and 8, rate 0.15), S (prefix LM, the last 25% is
   the target), X (spans 3/8 at rate 0.5, span 64 at rates 0.15/0.5), each example prefixed by its
   paradigm token [R]/[S]/[X], sampled from a configurable mixture (default: uniform over the 7);
+- GLM's autoregressive blank infilling (Du et al. 2022, `glm_example`): span lengths drawn from Poisson(3)
+  (lengths >= 1, at most 40) until 15% of the tokens are covered, placed at random with at least one kept token
+  between spans (GLM's `sample_spans`); Part A = the text with each span replaced by one [MASK]; Part B = the spans
+  in a random order, each read as [START] span and predicted as span [END]. Part A attends bidirectionally, Part B
+  to Part A and causally to itself (a prefix-LM mask over [A | B]); 2D positions: every Part B token takes its
+  [MASK]'s position in Part A (`positions`) and its place in the span, 1.., as `block_positions` (0 in Part A),
+  which a model reads with `block_pos: true` (without it the loader leaves them out: GLM's ablation without 2D
+  positions). `glm_reconstruct` inverts it;
 - layouts for both model kinds: decoder-only = [mode] inputs targets with a bidirectional prefix and loss
   on the targets only; encoder-decoder = encoder reads [mode] inputs, decoder predicts the targets;
 - `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows. Every row's noise is drawn
@@ -18,11 +26,13 @@ Implements:
   pipeline stages and torch.compile). Resumable through `state_dict()`.
 
 Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
-base + 3 + i; `special_vocab(base, n_sentinels)` gives the model's vocabulary size.
+base + 3 + i; GLM's [MASK], [START], [END] take the first three sentinel ids. `special_vocab(base, n_sentinels)`
+gives the model's vocabulary size.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +139,120 @@ def denoise_example(tokens: np.ndarray, d: Denoiser, base: int, rng: np.random.G
     return inputs.astype(np.int64), targets.astype(np.int64)
 
 
+# ---------------------------------------------------------------------------------------------- GLM
+GLM_RATE, GLM_MEAN_SPAN, GLM_MAX_SPAN = 0.15, 3.0, 40
+
+
+def glm_ids(base: int) -> tuple[int, int, int]:
+    """[MASK], [START], [END]: the first three sentinel ids above the tokenizer's vocabulary."""
+    return base + 3, base + 4, base + 5
+
+
+def glm_span_lengths(n_tokens: int, rng: np.random.Generator, rate: float = GLM_RATE, lam: float = GLM_MEAN_SPAN,
+                     max_span: int = GLM_MAX_SPAN) -> list[int]:
+    """Span lengths drawn from Poisson(lam) restricted to 1..max_span-1 until they cover int(n_tokens * rate)
+    tokens (at least one span), as GLM's `block_length_distribution`."""
+    k = np.arange(1, max_span)
+    logp = np.array([i * math.log(lam) - lam - math.lgamma(i + 1) for i in k])
+    p = np.exp(logp - logp.max())
+    p /= p.sum()
+    lengths: list[int] = []
+    while not lengths or sum(lengths) < int(n_tokens * rate):
+        lengths.append(int(rng.choice(k, p=p)))
+    return lengths
+
+
+def glm_place(length: int, lengths: list[int], rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, end) of each span in a text of `length` tokens: spans in the given order, at least one kept token
+    between neighbours, the free tokens spread uniformly (GLM's `sample_spans`)."""
+    free = length - sum(lengths) - (len(lengths) - 1)
+    if free < 0:
+        raise ValueError(f"{len(lengths)} spans of {sum(lengths)} tokens do not fit in {length} tokens")
+    places = np.sort(rng.integers(0, free + 1, size=len(lengths)))
+    spans, offset = [], 0
+    for place, n in zip(places.tolist(), lengths):
+        spans.append((offset + place, offset + place + n))
+        offset += n + 1
+    return spans
+
+
+def glm_example(tokens: np.ndarray, rng: np.random.Generator, base: int, budget: int, rate: float = GLM_RATE,
+                lam: float = GLM_MEAN_SPAN) -> dict:
+    """One GLM row of at most `budget` tokens from the front of `tokens`: {'input_ids', 'labels', 'positions',
+    'block_positions'} as int64 arrays of one length, and 'prefix_len' = len(Part A)."""
+    mask_id, start_id, end_id = glm_ids(base)
+    if budget < 4:
+        raise ValueError(f"a GLM row needs a window of at least 4 tokens, got {budget}")
+    L = min(len(tokens), budget - 2)
+    for _ in range(1000):  # the row holds L tokens and two more per span ([MASK] in A, [START] or [END] in B)
+        lengths = glm_span_lengths(L, rng, rate, lam)
+        if sum(lengths) + len(lengths) > L:  # no kept token left between the spans: draw again
+            continue
+        if L + 2 * len(lengths) <= budget:
+            break
+        L = budget - 2 * len(lengths)
+    else:
+        raise ValueError(f"no GLM spans at rate {rate} (mean {lam}) fit a window of {budget} tokens")
+    rng.shuffle(lengths)
+    spans = glm_place(L, lengths, rng)
+    part_a, mask_pos, prev = [], [], 0
+    for s, e in spans:
+        part_a.extend(tokens[prev:s].tolist())
+        mask_pos.append(len(part_a))
+        part_a.append(mask_id)
+        prev = e
+    part_a.extend(tokens[prev:L].tolist())
+    n_a = len(part_a)
+    ids, labels = list(part_a), [IGNORE] * n_a
+    pos, block = list(range(n_a)), [0] * n_a
+    for j in rng.permutation(len(spans)).tolist():  # Part B: the spans in a random order
+        s, e = spans[j]
+        span = tokens[s:e].tolist()
+        ids += [start_id] + span
+        labels += span + [end_id]
+        pos += [mask_pos[j]] * (len(span) + 1)
+        block += list(range(1, len(span) + 2))
+    arr = {k: np.asarray(v, np.int64) for k, v in
+           (("input_ids", ids), ("labels", labels), ("positions", pos), ("block_positions", block))}
+    arr["prefix_len"] = n_a
+    return arr
+
+
+def glm_reconstruct(ex: dict, base: int) -> list[int]:
+    """The original tokens of a GLM row: every Part B span put back at the [MASK] its positions point to."""
+    mask_id, start_id, _ = glm_ids(base)
+    n_a = int(ex["prefix_len"])
+    ids, pos = np.asarray(ex["input_ids"]).tolist(), np.asarray(ex["positions"]).tolist()
+    fills: dict[int, list[int]] = {}
+    for t in range(n_a, len(ids)):
+        if ids[t] == start_id:
+            cur = fills.setdefault(pos[t], [])
+        else:
+            cur.append(ids[t])
+    out = []
+    for t in range(n_a):
+        out.extend(fills[t] if ids[t] == mask_id else [ids[t]])
+    return out
+
+
+def collate_glm(examples: list[dict], pad_id: int, length: int, block_positions: bool = True) -> dict:
+    """GLM rows right-padded to `length` (no loss, position 0 on the padding); a bidirectional prefix over Part A."""
+    B = len(examples)
+    out = {"input_ids": torch.full((B, length), pad_id, dtype=torch.long),
+           "labels": torch.full((B, length), IGNORE, dtype=torch.long),
+           "positions": torch.zeros((B, length), dtype=torch.long)}
+    if block_positions:
+        out["block_positions"] = torch.zeros((B, length), dtype=torch.long)
+    for r, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if n > length:
+            raise ValueError(f"a GLM row of {n} tokens exceeds the window of {length}")
+        for k in out:
+            out[k][r, :n] = torch.from_numpy(ex[k])
+    out["prefix_len"] = torch.tensor([ex["prefix_len"] for ex in examples])
+    return out
+
+
 def collate_decoder(examples, pad_id: int, length: int | None = None) -> dict:
     """[inputs | targets] rows, right-padded to `length` tokens (default: the longest row); bidirectional prefix
     over the inputs; loss on targets only. The batch's input_ids are one token shorter than the rows."""
@@ -164,14 +288,21 @@ def collate_encdec(examples, pad_id: int, start_id: int) -> dict:
 
 
 class DenoisingLoader:
-    """Turns the windows of a token loader into span-corruption / UL2 / prefix-LM batches."""
+    """Turns the windows of a token loader into span-corruption / UL2 / GLM / prefix-LM batches."""
 
     def __init__(self, base_loader, objective: str, base_vocab: int, *, encoder_decoder: bool = False,
-                 seed: int = 0, n_sentinels: int = 100, mixture=None, pad_id: int = 0, start_id: int = 0):
+                 seed: int = 0, n_sentinels: int = 100, mixture=None, pad_id: int = 0, start_id: int = 0,
+                 block_positions: bool = True, glm_rate: float = GLM_RATE, glm_mean_span: float = GLM_MEAN_SPAN):
         self.base, self.objective, self.vocab = base_loader, objective, base_vocab
         self.encdec, self.seed, self.n_sentinels = encoder_decoder, seed, n_sentinels
         self.pad_id, self.start_id = pad_id, start_id
-        if objective == "ul2":
+        self.block_positions, self.glm = block_positions, (float(glm_rate), float(glm_mean_span))
+        if objective == "glm":
+            if encoder_decoder:
+                raise ValueError("GLM blank infilling trains decoder-only models (Part A is the encoder's share)")
+            if not 0 < self.glm[0] < 1 or self.glm[1] <= 0:
+                raise ValueError(f"data.glm_rate must lie in (0, 1) and data.glm_mean_span be > 0, got {self.glm}")
+        elif objective == "ul2":
             self.denoisers = list(UL2_DENOISERS)
             w = np.asarray(mixture if mixture is not None else [1.0] * len(self.denoisers), dtype=np.float64)
             if len(w) != len(self.denoisers):
@@ -198,6 +329,9 @@ class DenoisingLoader:
         if self.objective == "prefix_lm":  # prefix length uniform in [1, T): every row keeps >= 1 target
             p = torch.tensor([int(g.integers(1, rows.shape[1] - 1)) for g in rngs])
             return prefix_lm_batch(torch.from_numpy(rows), p)
+        if self.objective == "glm":  # rows of the batch's input length (the window minus its shifted target)
+            ex = [glm_example(r, g, self.vocab, rows.shape[1] - 1, *self.glm) for r, g in zip(rows, rngs)]
+            return collate_glm(ex, self.pad_id, rows.shape[1] - 1, self.block_positions)
         budget = rows.shape[1]
         examples = []
         for r, rng in zip(rows, rngs):
@@ -220,11 +354,16 @@ def wrap_objective(objective: str, train, val, mcfg, data: dict, seed: int):
     if objective == "causal_lm":
         return train, val
     base = int(data.get("base_vocab") or mcfg.vocab_size - (3 + int(data.get("n_sentinels", 100))))
+    if objective == "glm" and mcfg.pos in ("alibi", "t5"):
+        raise ValueError(f"objective glm places each span at its [MASK] through position ids, which pos={mcfg.pos} "
+                         "does not read (its biases follow the row order); use rope, learned or sinusoidal")
     if objective != "prefix_lm" and mcfg.vocab_size < special_vocab(base, int(data.get("n_sentinels", 100))):
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} has no room for [R]/[S]/[X] and sentinels above "
                          f"{base}; set model.vocab_size={special_vocab(base, int(data.get('n_sentinels', 100)))}")
     kw = dict(encoder_decoder=mcfg.arch == "encoder_decoder", n_sentinels=int(data.get("n_sentinels", 100)),
               mixture=data.get("ul2_mixture"), pad_id=mcfg.pad_token_id or 0,
-              start_id=mcfg.decoder_start_token_id or 0)
+              start_id=mcfg.decoder_start_token_id or 0, block_positions=mcfg.block_pos,
+              glm_rate=float(data.get("glm_rate", GLM_RATE)),
+              glm_mean_span=float(data.get("glm_mean_span", GLM_MEAN_SPAN)))
     return (DenoisingLoader(train, objective, base, seed=seed, **kw),
             DenoisingLoader(val, objective, base, seed=seed + 1, **kw))

@@ -58,8 +58,8 @@ What is exact and what is approximate:
   (no native kernels; SDPA flash attention in bf16/fp16 and memory-efficient attention in fp32, whose
   log-sum-exp is padded to 32 rows; its random-state scalars are left out) it is the same accounting, not
   measured here. It covers pre-norm decoder-only models with dense FFNs, no dropout, soft-capping, QK-norm,
-  sliding windows, ALiBi/T5 biases, partial RoPE or embedding scaling, and refuses the rest with a ValueError
-  rather than guess. `micro_batch` is the number of sequences per forward on one data-parallel rank.
+  sliding windows, ALiBi/T5 biases, partial RoPE, embedding scaling or GLM block positions, and refuses the rest
+  with a ValueError rather than guess. `micro_batch` is the number of sequences per forward on one data-parallel rank.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def _check_supported(cfg: ModelConfig) -> None:
         "qk_norm": cfg.qk_norm, "sliding_window": bool(cfg.sliding_window) or cfg.layer_types is not None,
         "pos": cfg.pos in ("alibi", "t5"), "rope_fraction": cfg.pos == "rope" and cfg.rope_fraction != 1.0,
         "embed_scale": cfg.embed_scale is not None, "embed_grad_scale": cfg.embed_grad_scale != 1.0,
-        "norm_offset": cfg.norm_offset != 0.0,
+        "norm_offset": cfg.norm_offset != 0.0, "block_pos": cfg.block_pos,
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

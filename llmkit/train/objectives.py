@@ -6,13 +6,14 @@ A batch is a dict of tensors. Conventions every objective and collator in llmkit
 - optional `positions` [B, T], `attn_mask` ([B, T] key validity or [B, T, T] pairwise), `doc_ids` [B, T]
   (document index per token in a packed row, as `llmkit.data.shards.BatchLoader(doc_info=True)` yields:
   turned into a block-diagonal mask, i.e. document-aware masking),
-  `prefix_len` [B] (bidirectional prefix, prefix LM), `encoder_input_ids` / `encoder_attn_mask`
+  `prefix_len` [B] (bidirectional prefix, prefix LM), `block_positions` [B, T] (GLM's intra-span positions),
+  `encoder_input_ids` / `encoder_attn_mask`
   (encoder-decoder: the decoder reads `input_ids`).
 
 Implements:
 - `lm_loss(model, batch, z_loss=0)`: shifted cross-entropy over the valid targets plus the PaLM
   z-loss (coef * log(Z)^2) and the MoE auxiliary loss; returns (loss, metrics). It serves causal LM,
-  prefix LM, span corruption and UL2 alike, since they differ only in how the batch is built. An llmkit
+  prefix LM, span corruption, UL2 and GLM alike, since they differ only in how the batch is built. An llmkit
   `Transformer`, wrapped or not, computes it in its forward with the output projection fused (`fused_loss`);
 - `document_mask(input_ids, eos_id)`: document-aware masking for packed sequences (each token
   attends within its own document; positions restart at every document) [Llama 3, §3.2];
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-MODEL_KEYS = ("positions", "attn_mask", "prefix_len", "encoder_input_ids", "encoder_attn_mask")
+OBJECTIVES = ("causal_lm", "prefix_lm", "span_corruption", "ul2", "glm")
+MODEL_KEYS = ("positions", "attn_mask", "prefix_len", "block_positions", "encoder_input_ids", "encoder_attn_mask")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -92,8 +94,8 @@ def lm_loss(model, batch: dict, z_loss: float = 0.0) -> tuple[torch.Tensor, dict
 
 def make_loss_fn(objective: str = "causal_lm", z_loss: float = 0.0):
     """Every pre-training objective uses `lm_loss`; the objective lives in how its batches are built."""
-    if objective not in ("causal_lm", "prefix_lm", "span_corruption", "ul2"):
-        raise ValueError(f"unknown objective {objective!r}; choose causal_lm, prefix_lm, span_corruption or ul2")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
     return partial(lm_loss, z_loss=z_loss)
 
 

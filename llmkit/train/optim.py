@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import TrainConfig
 
-EMBEDDING_NAMES = ("embed", "pos_embed", "enc_pos_embed", "t5_bias", "enc_t5_bias")
+EMBEDDING_NAMES = ("embed", "pos_embed", "enc_pos_embed", "block_pos_embed", "t5_bias", "enc_t5_bias")
 
 
 def is_embedding(name: str) -> bool:

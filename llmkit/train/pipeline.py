@@ -27,8 +27,9 @@ only hidden states travel between stages. The schedules average the per-micro-ba
 step equals one step on the whole batch also when labels are masked unevenly (-100 spans, prefix LM), as
 `Trainer` weights accumulation. Tied input/output embeddings (the first and last stage would share one
 weight), T5 relative-position biases (one table for every layer), encoder-decoder models and MoE layers
-(their auxiliary loss would have to travel between stages) are refused. Every pre-training objective's decoder-only batches (causal LM, prefix LM, span corruption, UL2: the
-denoisers' rows are padded to the window, so every micro-batch has the stages' shape) pipeline alike.
+(their auxiliary loss would have to travel between stages) are refused. Every pre-training objective's
+decoder-only batches (causal LM, prefix LM, span corruption, UL2, GLM: the denoisers' rows are padded to the window,
+so every micro-batch has the stages' shape) pipeline alike.
 Tested on gloo against one process: 2 and 3 stages directly; 2 stages (also with document masks, with prefix-LM
 batches and with UL2 batches) and 2 x 2 x 2 (pp, dp, tp) through `Trainer`; the CLI with 2 stages and with
 2 x 2 x 2, resume included.
@@ -85,8 +86,9 @@ def make_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     model.layers = nn.ModuleList(model.layers[i] for i in keep)
     if stage > 0:
         model.embed = None
-        if getattr(model, "pos_embed", None) is not None:
-            model.pos_embed = None
+        for name in ("pos_embed", "block_pos_embed"):
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
     if stage < n_stages - 1:
         model.norm = None
         model.lm_head = None

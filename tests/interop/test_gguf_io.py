@@ -98,6 +98,9 @@ def test_export_refuses_non_llama(tiny):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, norm="layernorm", pos="learned", activation="gelu")
     with pytest.raises(ValueError, match="llama architecture"):
         write_gguf("/nonexistent/x.gguf", Transformer(cfg))
+    with pytest.raises(ValueError, match="no GLM block positions"):
+        write_gguf("/nonexistent/x.gguf", Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                                                  block_pos=True)))
 
 
 @pytest.fixture(scope="module")

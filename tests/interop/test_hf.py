@@ -91,3 +91,6 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, qk_norm=True, pos="alibi", family="llama")
     with pytest.raises(ValueError, match=r"cannot be written as an HF llama directory: .*qk_norm=True.*pos='alibi'"):
         save_hf(tmp_path, Transformer(cfg))
+    glm = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, block_pos=True, family="llama")
+    with pytest.raises(ValueError, match=r"cannot be written as an HF llama directory: block_pos=True"):
+        save_hf(tmp_path, Transformer(glm))

@@ -23,6 +23,7 @@ VARIANTS = {
     "partial_rope": dict(rope_fraction=0.5),
     "moe": dict(n_experts=4, moe_top_k=2),
     "geglu_qwen": dict(activation="geglu", qkv_bias=True),
+    "glm_2d_positions": dict(block_pos=True, arch="prefix_decoder"),  # (no block positions given: row 0 everywhere)
 }
 
 
@@ -201,6 +202,7 @@ def test_bfloat16_forward():
     (dict(norm="batchnorm"), "norm="), (dict(n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(layer_types=["local", "global"]), "sliding_window"), (dict(deepnorm=True), "Post-LN"),
     (dict(pos="alibi", arch="encoder_decoder"), "alibi"),
+    (dict(block_pos=True, arch="encoder_decoder", pos="t5"), "block_pos .* decoder-only"),
 ])
 def test_config_errors_say_what_to_change(bad, msg):
     with pytest.raises(ConfigError, match=msg):

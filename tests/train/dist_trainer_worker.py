@@ -46,13 +46,14 @@ def main(strategy: str, out: str) -> None:
     # "<strategy>-prefix": prefix-LM batches; "<strategy>-docs": packed documents, each attending only within itself
     # "<strategy>-ul2": UL2's mixture of denoisers, decoder-only; "<strategy>-alibi": ALiBi position biases;
     # "<strategy>-encdec": a T5-style encoder-decoder (T5 bias buckets) on span corruption; "<strategy>-qknorm":
-    # QK-norm (each: also the single-process reference)
+    # QK-norm; "<strategy>-glm": GLM blank infilling with 2D positions (each: also the single-process reference)
     strategy, prefix = strategy.removesuffix("-prefix"), strategy.endswith("-prefix")
     strategy, docs = strategy.removesuffix("-docs"), strategy.endswith("-docs")
     strategy, ul2 = strategy.removesuffix("-ul2"), strategy.endswith("-ul2")
     strategy, alibi = strategy.removesuffix("-alibi"), strategy.endswith("-alibi")
     strategy, encdec = strategy.removesuffix("-encdec"), strategy.endswith("-encdec")
     strategy, qknorm = strategy.removesuffix("-qknorm"), strategy.endswith("-qknorm")
+    strategy, glm = strategy.removesuffix("-glm"), strategy.endswith("-glm")
     strategy, ac = strategy.removesuffix("-ac"), strategy.endswith("-ac")
     if strategy == "pp":  # one pipeline stage per rank; every rank reads the whole batch
         dist = PipelineDist()
@@ -63,8 +64,8 @@ def main(strategy: str, out: str) -> None:
             else None
     rank, world = (dist.dp_rank, dist.dp_world) if dist else (0, 1)
     torch.manual_seed(0)
-    vocab = special_vocab(64, 8) if ul2 or encdec else 64  # [R], [S], [X] and 8 sentinels above the 64 token ids
-    extra = dict(pos="alibi") if alibi else dict(qk_norm=True) if qknorm else {}
+    vocab = special_vocab(64, 8) if ul2 or encdec or glm else 64  # [R], [S], [X] and 8 sentinels above the 64 ids
+    extra = dict(pos="alibi") if alibi else dict(qk_norm=True) if qknorm else dict(block_pos=True) if glm else {}
     if encdec:  # T5-style: relative position buckets, the encoder reads the corrupted spans
         extra = dict(arch="encoder_decoder", pos="t5", n_encoder_layers=2)
     model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, d_ff=64, tie_embeddings=False,
@@ -80,6 +81,8 @@ def main(strategy: str, out: str) -> None:
         loader = PrefixLM(loader)
     if ul2:  # each row's noise is seeded by its tokens: a rank's or a micro-batch's rows are denoised as in one batch
         loader = DenoisingLoader(loader, "ul2", 64, n_sentinels=8, seed=0)
+    if glm:  # every stage takes the 2D positions and the prefix lengths; the first embeds the block positions
+        loader = DenoisingLoader(loader, "glm", 64, n_sentinels=8, seed=0)
     if encdec:
         loader = DenoisingLoader(loader, "span_corruption", 64, n_sentinels=8, seed=0, encoder_decoder=True)
     # "-docs": a final validation on the same 8 sequences (one batch of 8, a pipeline's two of 4, or 4 on each of two
@@ -98,7 +101,7 @@ def main(strategy: str, out: str) -> None:
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
     # the bytes of the parameters this rank holds (its local shards), and what the memory planner says they are
     local = sum(4 * (p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
-    plain = not (prefix or docs or ul2 or alibi or encdec or qknorm or ac)  # (models the planner covers)
+    plain = not (prefix or docs or ul2 or alibi or encdec or qknorm or glm or ac)  # (models the planner covers)
     planned = estimate_memory(model.cfg, micro_batch=micro, seq_len=16, tp=2)["params"] \
         if strategy == "tp" and plain else None
     n_fused = torch.tensor(len(fused))

@@ -1,14 +1,17 @@
-"""D2/D3: T5 span corruption (rate, spans, sentinels, exact reconstruction) and the UL2 mixture of denoisers."""
+"""D2/D3: T5 span corruption (rate, spans, sentinels, exact reconstruction), GLM blank infilling (Poisson spans,
+shuffled Part B, 2D positions, its attention through the model) and the UL2 mixture of denoisers."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from llmkit.data.shards import BatchLoader
 
-from llmkit.train.denoising import (MODES, UL2_DENOISERS, Denoiser, DenoisingLoader, collate_decoder,
-                                    collate_encdec, denoise_example, random_spans_noise_mask, reconstruct,
-                                    span_corrupt)
-from tests.train.conftest import loaders
+from llmkit.train.denoising import (GLM_MAX_SPAN, MODES, UL2_DENOISERS, Denoiser, DenoisingLoader, collate_decoder,
+                                    collate_encdec, denoise_example, glm_example, glm_ids, glm_reconstruct,
+                                    glm_span_lengths, random_spans_noise_mask, reconstruct, span_corrupt, wrap_objective)
+from tests.train.conftest import loaders, tiny_cfg, tiny_model
 
 SENT = list(range(1000, 1100))
 
@@ -95,7 +98,7 @@ def test_decoder_layout_pads_to_the_window():
     assert b["labels"].tolist() == [[-100, -100, 1000, 3, -100, -100, -100]]
 
 
-@pytest.mark.parametrize("objective", ["ul2", "span_corruption", "prefix_lm"])
+@pytest.mark.parametrize("objective", ["ul2", "span_corruption", "prefix_lm", "glm"])
 def test_rows_are_denoised_alike_in_any_micro_batch_split(objective):
     """A row's noise depends on the seed, the epoch and its tokens, not on its place in a batch: one batch of 8
     equals two micro-batches of 4 over the same windows (what accumulation, a pipeline or two data-parallel ranks
@@ -132,3 +135,99 @@ def test_custom_denoiser_span_lengths():
         sent = [i for i, t in enumerate(tgt) if t >= 503] + [len(tgt)]
         lens.extend(np.diff(sent) - 1)
     assert abs(np.mean(lens) - 8) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- GLM
+def test_glm_span_lengths_follow_the_truncated_poisson_and_cover_the_rate():
+    rng = np.random.default_rng(5)
+    k = np.arange(1, GLM_MAX_SPAN)
+    pmf = np.array([3.0 ** i * math.exp(-3.0) / math.factorial(i) for i in k])
+    pmf /= pmf.sum()  # Poisson(3) on 1..39: mean 3/(1 - e^-3) = 3.157
+    lengths = []
+    for _ in range(40):  # ~470 spans per draw: the stopping rule's last, size-biased span weighs nothing
+        draw = glm_span_lengths(10_000, rng)
+        assert 1500 <= sum(draw) < 1500 + GLM_MAX_SPAN  # spans until 15% is covered, the last one overshooting
+        lengths += draw
+    counts = np.bincount(lengths, minlength=GLM_MAX_SPAN)[1:]
+    assert abs(np.mean(lengths) - (pmf * k).sum()) < 0.05
+    assert np.abs(counts / counts.sum() - pmf).max() < 0.01
+    cover = [sum(glm_span_lengths(200, rng)) / 200 for _ in range(2000)]
+    assert 0.15 <= min(cover) and 0.15 < np.mean(cover) < 0.17
+
+
+def test_glm_rows_reconstruct_and_lay_out_part_a_and_shuffled_part_b():
+    rng = np.random.default_rng(6)
+    base = 500
+    mask_id, start_id, end_id = glm_ids(base)
+    ascending = shuffled = 0
+    for _ in range(400):
+        T = int(rng.integers(8, 160))
+        toks = rng.integers(0, base, size=T + 1)
+        ex = glm_example(toks, rng, base, T)
+        ids, lab, pos, blk, n_a = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"], ex["prefix_len"]
+        assert len(ids) == len(lab) == len(pos) == len(blk) <= T
+        rec = glm_reconstruct(ex, base)
+        assert rec == toks[: len(rec)].tolist()  # Part A with every span put back at its [MASK]
+        a = ids[:n_a]
+        masks = np.flatnonzero(a == mask_id)
+        starts = np.flatnonzero(ids == start_id)
+        assert len(masks) == len(starts) >= 1 and np.all(starts >= n_a)
+        assert np.all(np.diff(masks) > 1)  # at least one kept token between two spans
+        assert np.all(lab[:n_a] == -100) and pos[:n_a].tolist() == list(range(n_a)) and not blk[:n_a].any()
+        ends = list(starts[1:]) + [len(ids)]
+        for s, e in zip(starts, ends):  # one span: [START] x1..xl read at its mask, predicted as x1..xl [END]
+            assert a[pos[s]] == mask_id and np.all(pos[s:e] == pos[s])
+            assert blk[s:e].tolist() == list(range(1, e - s + 1))
+            assert lab[s:e - 1].tolist() == ids[s + 1:e].tolist() and lab[e - 1] == end_id
+        order = pos[starts].tolist()
+        if len(order) > 1:
+            ascending += order == sorted(order)
+            shuffled += order != sorted(order)
+    assert ascending > 0 and shuffled > ascending  # Part B's spans in a random order
+
+
+def test_glm_attention_is_bidirectional_on_part_a_and_causal_on_part_b():
+    """Through a real model: Part A's outputs see all of Part A and none of Part B; a Part B token sees Part A and
+    the Part B tokens before it only; the block positions change Part B's outputs, and none equals zeros."""
+    base = 40
+    model = tiny_model(vocab_size=base + 8, block_pos=True, n_layers=2).eval()
+    rng = np.random.default_rng(7)
+    ex = glm_example(rng.integers(0, base, 33), rng, base, 32, rate=0.3)
+    n_a, n = ex["prefix_len"], len(ex["input_ids"])
+    batch = {k: torch.from_numpy(v)[None] for k, v in ex.items() if k != "prefix_len"}
+
+    def out(**change):
+        b = {**batch, **change}
+        return model(b["input_ids"], positions=b["positions"], block_positions=b.get("block_positions"),
+                     prefix_len=torch.tensor([n_a]))[0]
+
+    ref = out()
+
+    def poke(t):
+        ids = batch["input_ids"].clone()
+        ids[0, t] = (ids[0, t] + 1) % base
+        return out(input_ids=ids)
+
+    last_a, mid_b = poke(n_a - 1), poke(n_a + (n - n_a) // 2)
+    assert not torch.allclose(last_a[0], ref[0])  # the first token of Part A sees the last one
+    assert torch.allclose(mid_b[:n_a + (n - n_a) // 2], ref[:n_a + (n - n_a) // 2], atol=1e-6)  # nothing sees ahead
+    assert not torch.allclose(mid_b[-1], ref[-1])  # a later Part B token sees an earlier one
+    zeros = out(block_positions=torch.zeros_like(batch["block_positions"]))
+    assert torch.allclose(zeros[:n_a], ref[:n_a], atol=1e-6) and not torch.allclose(zeros[n_a:], ref[n_a:])
+    assert torch.equal(out(block_positions=None), zeros)
+
+
+def test_glm_loader_batches_and_refusals():
+    tr, _ = loaders(4, 32)
+    b = next(DenoisingLoader(tr, "glm", 64, n_sentinels=8, seed=0))
+    assert {k: tuple(v.shape) for k, v in b.items()} == {"input_ids": (4, 32), "labels": (4, 32), "positions": (4, 32),
+                                                         "block_positions": (4, 32), "prefix_len": (4,)}
+    assert (b["input_ids"] >= 64).any() and ((b["labels"] != -100).sum(1) > 0).all()
+    tr, _ = loaders(4, 32)
+    assert "block_positions" not in next(DenoisingLoader(tr, "glm", 64, seed=0, block_positions=False))
+    with pytest.raises(ValueError, match="decoder-only"):
+        DenoisingLoader(tr, "glm", 64, encoder_decoder=True)
+    with pytest.raises(ValueError, match="glm_rate"):
+        DenoisingLoader(tr, "glm", 64, glm_rate=1.5)
+    with pytest.raises(ValueError, match="pos=alibi"):
+        wrap_objective("glm", tr, tr, tiny_cfg(vocab_size=64 + 3 + 8, pos="alibi"), {"n_sentinels": 8}, 0)

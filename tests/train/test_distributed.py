@@ -86,7 +86,7 @@ def test_fsdp2_composed_with_tp_on_a_2x2_mesh(single, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+dp+tp", "fsdp-ac", "pp-prefix",
                                       "pp-docs", "fsdp-ul2", "pp+dp+tp-ul2", "tp-alibi", "fsdp+tp-encdec",
-                                      "tp-qknorm", "pp+dp+tp-qknorm"])
+                                      "tp-qknorm", "pp+dp+tp-qknorm", "pp+dp+tp-glm"])
 def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     """The one Trainer with TorchDist: same global batch -> same losses, parameters and token counts as one
     process (TP ranks share their batch: tokens are counted per data-parallel rank). "-prefix": prefix-LM batches
@@ -95,12 +95,14 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     denoisers on a decoder-only model (rows padded to the window; ranks and micro-batches denoise a row alike);
     "-alibi": ALiBi biases (each TP rank keeps its heads' slopes); "-encdec": a T5-style encoder-decoder on span
     corruption (TP splits the encoder's blocks, cross-attention and the T5 bias table by heads too); "-qknorm":
-    QK-norm, whose weights every TP rank holds whole but trains from its own heads (their gradients are summed).
+    QK-norm, whose weights every TP rank holds whole but trains from its own heads (their gradients are summed);
+    "-glm": GLM blank infilling (shuffled spans after a bidirectional Part A, 2D positions: every stage reads the
+    positions and prefix lengths, the first stage embeds the block positions).
     Under plain TP the rank's parameter shards also weigh what the memory planner (`estimate_memory(tp=2)`) says."""
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
-    suffix = next((s for s in ("-prefix", "-docs", "-ul2", "-alibi", "-encdec", "-qknorm") if strategy.endswith(s)), "")
+    suffix = next((s for s in ("-prefix", "-docs", "-ul2", "-alibi", "-encdec", "-qknorm", "-glm") if strategy.endswith(s)), "")
     ref = "none" + suffix
     res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True,
                          timeout=240)

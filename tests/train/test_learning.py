@@ -15,6 +15,7 @@ CASES = {
     "span_corruption_decoder": ("span_corruption", "decoder", 100, 2.6),
     "span_corruption_encdec": ("span_corruption", "encoder_decoder", 100, 3.0),
     "ul2_decoder": ("ul2", "decoder", 100, 2.6),
+    "glm_decoder": ("glm", "decoder", 200, 3.4),  # (targets: 15% of the tokens, in spans, and [END]s)
 }
 
 
@@ -24,7 +25,7 @@ def test_objective_learns(case):
     objective, arch, steps, bound = CASES[case]
     vocab = 64 if objective in ("causal_lm", "prefix_lm") else special_vocab(64, 20)
     model = tiny_model(vocab_size=vocab, arch=arch, pos="rope" if arch != "encoder_decoder" else "t5",
-                       d_model=48, max_seq_len=160)
+                       d_model=48, max_seq_len=160, block_pos=objective == "glm")
     tr, _ = loaders(8, 48)
     if objective != "causal_lm":
         tr = DenoisingLoader(tr, objective, 64, encoder_decoder=arch == "encoder_decoder", n_sentinels=20, seed=1)

@@ -298,7 +298,7 @@ def test_activation_scaling_and_parallel_division():
 
 
 def test_unsupported_architectures_are_refused():
-    for kw in (dict(dropout=0.1), dict(norm_position="post"), dict(pos="alibi"), dict(n_experts=4)):
+    for kw in (dict(dropout=0.1), dict(norm_position="post"), dict(pos="alibi"), dict(n_experts=4), dict(block_pos=True)):
         with pytest.raises(ValueError, match="activation model covers"):
             estimate_memory(tiny_cfg(**kw), micro_batch=1, seq_len=8)
     with pytest.raises(ValueError, match="shard='zero2' is unknown"):
