@@ -16,7 +16,8 @@ Implements:
   to Part A and causally to itself (a prefix-LM mask over [A | B]); 2D positions: every Part B token takes its
   [MASK]'s position in Part A (`positions`) and its place in the span, 1.., as `block_positions` (0 in Part A),
   which a model reads with `block_pos: true` (without it the loader leaves them out: GLM's ablation without 2D
-  positions). `glm_reconstruct` inverts it;
+  positions). With `glm_gmask_prob` a row takes GLM's document-level objective instead: one span, the last
+  50-100% of the text, behind a [gMASK] (GLM-130B trains on both). `glm_reconstruct` inverts either;
 - layouts for both model kinds: decoder-only = [mode] inputs targets with a bidirectional prefix and loss
   on the targets only; encoder-decoder = encoder reads [mode] inputs, decoder predicts the targets;
 - `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows. Every row's noise is drawn
@@ -26,7 +27,7 @@ Implements:
   pipeline stages and torch.compile). Resumable through `state_dict()`.
 
 Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
-base + 3 + i; GLM's [MASK], [START], [END] take the first three sentinel ids. `special_vocab(base, n_sentinels)`
+base + 3 + i; GLM's [MASK], [START], [END], [gMASK] take the first four sentinel ids. `special_vocab(base, n_sentinels)`
 gives the model's vocabulary size.
 """
 from __future__ import annotations
@@ -141,11 +142,12 @@ def denoise_example(tokens: np.ndarray, d: Denoiser, base: int, rng: np.random.G
 
 # ---------------------------------------------------------------------------------------------- GLM
 GLM_RATE, GLM_MEAN_SPAN, GLM_MAX_SPAN = 0.15, 3.0, 40
+GLM_DOC_SPAN = (0.5, 1.0)  # GLM's document-level objective: one span of 50%-100% of the text
 
 
-def glm_ids(base: int) -> tuple[int, int, int]:
-    """[MASK], [START], [END]: the first three sentinel ids above the tokenizer's vocabulary."""
-    return base + 3, base + 4, base + 5
+def glm_ids(base: int) -> tuple[int, int, int, int]:
+    """[MASK], [START], [END], [gMASK]: the first four sentinel ids above the tokenizer's vocabulary."""
+    return base + 3, base + 4, base + 5, base + 6
 
 
 def glm_span_lengths(n_tokens: int, rng: np.random.Generator, rate: float = GLM_RATE, lam: float = GLM_MEAN_SPAN,
@@ -177,13 +179,19 @@ def glm_place(length: int, lengths: list[int], rng: np.random.Generator) -> list
 
 
 def glm_example(tokens: np.ndarray, rng: np.random.Generator, base: int, budget: int, rate: float = GLM_RATE,
-                lam: float = GLM_MEAN_SPAN) -> dict:
+                lam: float = GLM_MEAN_SPAN, gmask_prob: float = 0.0) -> dict:
     """One GLM row of at most `budget` tokens from the front of `tokens`: {'input_ids', 'labels', 'positions',
-    'block_positions'} as int64 arrays of one length, and 'prefix_len' = len(Part A)."""
-    mask_id, start_id, end_id = glm_ids(base)
+    'block_positions'} as int64 arrays of one length, and 'prefix_len' = len(Part A). With probability
+    `gmask_prob` the row takes GLM's document-level objective instead: one span, the last 50-100% of the text,
+    behind a [gMASK] (GLM-130B's long blanks at the end)."""
+    mask_id, start_id, end_id, gmask_id = glm_ids(base)
     if budget < 4:
         raise ValueError(f"a GLM row needs a window of at least 4 tokens, got {budget}")
     L = min(len(tokens), budget - 2)
+    if gmask_prob and rng.random() < gmask_prob:
+        lo = max(1, math.ceil(GLM_DOC_SPAN[0] * L))
+        n = int(rng.integers(lo, L + 1))
+        return _glm_row(tokens, [(L - n, L)], [0], L, gmask_id, start_id, end_id)
     for _ in range(1000):  # the row holds L tokens and two more per span ([MASK] in A, [START] or [END] in B)
         lengths = glm_span_lengths(L, rng, rate, lam)
         if sum(lengths) + len(lengths) > L:  # no kept token left between the spans: draw again
@@ -195,6 +203,11 @@ def glm_example(tokens: np.ndarray, rng: np.random.Generator, base: int, budget:
         raise ValueError(f"no GLM spans at rate {rate} (mean {lam}) fit a window of {budget} tokens")
     rng.shuffle(lengths)
     spans = glm_place(L, lengths, rng)
+    return _glm_row(tokens, spans, rng.permutation(len(spans)).tolist(), L, mask_id, start_id, end_id)
+
+
+def _glm_row(tokens, spans, order, L: int, mask_id: int, start_id: int, end_id: int) -> dict:
+    """Part A (the first L tokens, each span replaced by `mask_id`) then Part B (the spans in `order`)."""
     part_a, mask_pos, prev = [], [], 0
     for s, e in spans:
         part_a.extend(tokens[prev:s].tolist())
@@ -205,7 +218,7 @@ def glm_example(tokens: np.ndarray, rng: np.random.Generator, base: int, budget:
     n_a = len(part_a)
     ids, labels = list(part_a), [IGNORE] * n_a
     pos, block = list(range(n_a)), [0] * n_a
-    for j in rng.permutation(len(spans)).tolist():  # Part B: the spans in a random order
+    for j in order:  # Part B
         s, e = spans[j]
         span = tokens[s:e].tolist()
         ids += [start_id] + span
@@ -219,8 +232,8 @@ def glm_example(tokens: np.ndarray, rng: np.random.Generator, base: int, budget:
 
 
 def glm_reconstruct(ex: dict, base: int) -> list[int]:
-    """The original tokens of a GLM row: every Part B span put back at the [MASK] its positions point to."""
-    mask_id, start_id, _ = glm_ids(base)
+    """The original tokens of a GLM row: every Part B span put back at the [MASK] or [gMASK] its positions point to."""
+    mask_id, start_id, _, gmask_id = glm_ids(base)
     n_a = int(ex["prefix_len"])
     ids, pos = np.asarray(ex["input_ids"]).tolist(), np.asarray(ex["positions"]).tolist()
     fills: dict[int, list[int]] = {}
@@ -231,7 +244,7 @@ def glm_reconstruct(ex: dict, base: int) -> list[int]:
             cur.append(ids[t])
     out = []
     for t in range(n_a):
-        out.extend(fills[t] if ids[t] == mask_id else [ids[t]])
+        out.extend(fills[t] if ids[t] in (mask_id, gmask_id) else [ids[t]])
     return out
 
 
@@ -292,16 +305,21 @@ class DenoisingLoader:
 
     def __init__(self, base_loader, objective: str, base_vocab: int, *, encoder_decoder: bool = False,
                  seed: int = 0, n_sentinels: int = 100, mixture=None, pad_id: int = 0, start_id: int = 0,
-                 block_positions: bool = True, glm_rate: float = GLM_RATE, glm_mean_span: float = GLM_MEAN_SPAN):
+                 block_positions: bool = True, glm_rate: float = GLM_RATE, glm_mean_span: float = GLM_MEAN_SPAN,
+                 glm_gmask_prob: float = 0.0):
         self.base, self.objective, self.vocab = base_loader, objective, base_vocab
         self.encdec, self.seed, self.n_sentinels = encoder_decoder, seed, n_sentinels
         self.pad_id, self.start_id = pad_id, start_id
-        self.block_positions, self.glm = block_positions, (float(glm_rate), float(glm_mean_span))
+        self.block_positions = block_positions
+        self.glm = (float(glm_rate), float(glm_mean_span), float(glm_gmask_prob))
         if objective == "glm":
             if encoder_decoder:
                 raise ValueError("GLM blank infilling trains decoder-only models (Part A is the encoder's share)")
-            if not 0 < self.glm[0] < 1 or self.glm[1] <= 0:
-                raise ValueError(f"data.glm_rate must lie in (0, 1) and data.glm_mean_span be > 0, got {self.glm}")
+            if not 0 < self.glm[0] < 1 or self.glm[1] <= 0 or not 0 <= self.glm[2] <= 1:
+                raise ValueError(f"data.glm_rate must lie in (0, 1), data.glm_mean_span be > 0 and data.glm_gmask_prob "
+                                 f"in [0, 1], got {self.glm}")
+            if n_sentinels < 4:
+                raise ValueError(f"GLM's [MASK], [START], [END] and [gMASK] take 4 sentinel ids; n_sentinels={n_sentinels}")
         elif objective == "ul2":
             self.denoisers = list(UL2_DENOISERS)
             w = np.asarray(mixture if mixture is not None else [1.0] * len(self.denoisers), dtype=np.float64)
@@ -364,6 +382,7 @@ def wrap_objective(objective: str, train, val, mcfg, data: dict, seed: int):
               mixture=data.get("ul2_mixture"), pad_id=mcfg.pad_token_id or 0,
               start_id=mcfg.decoder_start_token_id or 0, block_positions=mcfg.block_pos,
               glm_rate=float(data.get("glm_rate", GLM_RATE)),
-              glm_mean_span=float(data.get("glm_mean_span", GLM_MEAN_SPAN)))
+              glm_mean_span=float(data.get("glm_mean_span", GLM_MEAN_SPAN)),
+              glm_gmask_prob=float(data.get("glm_gmask_prob", 0.0)))
     return (DenoisingLoader(train, objective, base, seed=seed, **kw),
             DenoisingLoader(val, objective, base, seed=seed + 1, **kw))

@@ -82,7 +82,7 @@ def main(strategy: str, out: str) -> None:
     if ul2:  # each row's noise is seeded by its tokens: a rank's or a micro-batch's rows are denoised as in one batch
         loader = DenoisingLoader(loader, "ul2", 64, n_sentinels=8, seed=0)
     if glm:  # every stage takes the 2D positions and the prefix lengths; the first embeds the block positions
-        loader = DenoisingLoader(loader, "glm", 64, n_sentinels=8, seed=0)
+        loader = DenoisingLoader(loader, "glm", 64, n_sentinels=8, seed=0, glm_gmask_prob=0.5)  # (uneven targets)
     if encdec:
         loader = DenoisingLoader(loader, "span_corruption", 64, n_sentinels=8, seed=0, encoder_decoder=True)
     # "-docs": a final validation on the same 8 sequences (one batch of 8, a pipeline's two of 4, or 4 on each of two

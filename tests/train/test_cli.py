@@ -119,16 +119,17 @@ def test_pipeline_refusals_reach_the_user_plainly(tmp_path, extra, msg):
 
 
 def test_pretrain_cli_glm_blank_infilling(tmp_path):
-    """`data.objective: glm` with `model.block_pos: true`: the vocabulary grows by the special ids ([MASK], [START],
-    [END] among them), the batches carry 2D positions, validation and samples run, and the checkpoint loads as a
-    model that reads block positions."""
+    """`data.objective: glm` with `model.block_pos: true`, short blanks mixed with [gMASK] rows: the vocabulary grows
+    by the special ids ([MASK], [START], [END], [gMASK] among them), the batches carry 2D positions, validation and
+    samples run, and the checkpoint loads as a model that reads block positions."""
     from llmkit.interop.checkpoint import load_checkpoint
 
     text = tmp_path / "c.txt"
     text.write_text("to be or not to be, that is the question " * 200)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(text=text).replace("max_seq_len: 64}", "max_seq_len: 64, block_pos: true}")
-                      .replace("tokenizer: char}", "tokenizer: char, objective: glm, n_sentinels: 8}"))
+                      .replace("tokenizer: char}", "tokenizer: char, objective: glm, n_sentinels: 8,\n"
+                                                                   "       glm_gmask_prob: 0.3}"))
     out = tmp_path / "run"
     assert main(["--config", str(recipe), "--out", str(out)]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

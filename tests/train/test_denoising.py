@@ -158,7 +158,7 @@ def test_glm_span_lengths_follow_the_truncated_poisson_and_cover_the_rate():
 def test_glm_rows_reconstruct_and_lay_out_part_a_and_shuffled_part_b():
     rng = np.random.default_rng(6)
     base = 500
-    mask_id, start_id, end_id = glm_ids(base)
+    mask_id, start_id, end_id, _ = glm_ids(base)
     ascending = shuffled = 0
     for _ in range(400):
         T = int(rng.integers(8, 160))
@@ -184,6 +184,31 @@ def test_glm_rows_reconstruct_and_lay_out_part_a_and_shuffled_part_b():
             ascending += order == sorted(order)
             shuffled += order != sorted(order)
     assert ascending > 0 and shuffled > ascending  # Part B's spans in a random order
+
+
+def test_glm_document_level_rows_fill_one_long_blank_behind_gmask():
+    """GLM's document-level objective (GLM-130B's [gMASK]): one span, the last 50-100% of the text, after a
+    bidirectional prefix; mixed with the short blanks at `gmask_prob`."""
+    rng = np.random.default_rng(8)
+    base = 500
+    mask_id, start_id, end_id, gmask_id = glm_ids(base)
+    fractions, kinds = [], []
+    for _ in range(2000):
+        toks = rng.integers(0, base, size=65)
+        ex = glm_example(toks, rng, base, 64, gmask_prob=0.3)
+        ids, lab, pos, blk, n_a = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"], ex["prefix_len"]
+        rec = glm_reconstruct(ex, base)
+        assert rec == toks[: len(rec)].tolist()
+        is_g = gmask_id in ids
+        kinds.append(is_g)
+        if not is_g:
+            continue
+        assert ids[n_a - 1] == gmask_id and mask_id not in ids and len(rec) == 62  # the window, less [gMASK], [START]
+        assert ids[n_a] == start_id and list(ids).count(start_id) == 1 and lab[-1] == end_id
+        assert np.all(pos[n_a:] == n_a - 1) and blk[n_a:].tolist() == list(range(1, len(ids) - n_a + 1))
+        fractions.append((len(ids) - n_a - 1) / len(rec))
+    assert abs(np.mean(kinds) - 0.3) < 0.03
+    assert min(fractions) >= 0.5 and max(fractions) == 1.0 and abs(np.mean(fractions) - 0.75) < 0.02
 
 
 def test_glm_attention_is_bidirectional_on_part_a_and_causal_on_part_b():
@@ -229,5 +254,7 @@ def test_glm_loader_batches_and_refusals():
         DenoisingLoader(tr, "glm", 64, encoder_decoder=True)
     with pytest.raises(ValueError, match="glm_rate"):
         DenoisingLoader(tr, "glm", 64, glm_rate=1.5)
+    with pytest.raises(ValueError, match="4 sentinel ids"):
+        DenoisingLoader(tr, "glm", 64, n_sentinels=3)
     with pytest.raises(ValueError, match="pos=alibi"):
         wrap_objective("glm", tr, tr, tiny_cfg(vocab_size=64 + 3 + 8, pos="alibi"), {"n_sentinels": 8}, 0)
