@@ -26,40 +26,54 @@ What is exact and what is approximate:
   caching and fragmentation, the CUDA context, and temporaries of the forward and backward passes;
 - activations are the bytes autograd saves for the backward in one forward of a micro-batch (plus the training
   loss), written term by term from what llmkit's model saves on each path (checked against the saved tensors
-  of real forwards on the CPU in tests/train/test_memory.py). Per block, with N = micro_batch * seq_len, d the
-  width, h / kv the query / key-value heads and f the MLP width on this rank (divided by tp), hd the head
-  width and c the compute element size (4 for fp32, 2 under bf16/fp16 autocast):
+  of real forwards on the CPU in tests/train/test_memory.py: equal to the byte on torch 2.13). Per block, with
+  N = micro_batch * seq_len, d the width, h / kv the query / key-value heads and f the MLP width on this rank
+  (divided by tp), hd the head width, r its rotary dims and c the compute element size (4 for fp32, 2 under
+  bf16/fp16 autocast):
     norms    2 * (4*N*d + 4*N*s)        each pre-norm saves its float32 input (the normalised rows through torch
                                         ops) and s row statistics (RMSNorm s = 1: rsqrt; LayerNorm s = 2)
-             + 2 * c*N*d                its output as the q/k/v and gate/up matmuls read it
+                                        (+ 4*d with Gemma's (1 + w) offset); sandwich norms: 4 of them;
+                                        a parallel block (GPT-J, PaLM): 1
+             + 2 * c*N*d                its output as the q/k/v and gate/up matmuls read it (1 in a parallel
+                                        block); Post-LN under autocast: q, k, v (and gate, up) cast their input
+                                        apiece, + (2 + 1 for GLU) * c*N*d
     attention c*(2*N*h*hd + 2*N*kv*hd)  q, k, v and the output (the o projection's input)
+             (+ QK-norm: N*(h + kv) * (4*hd + 4*s), the input c bytes for LayerNorm under autocast)
              + c*B*h*T*T                the probabilities, where the CPU training kernels keep them:
                                         float32 with the native kernels, bf16 autocast (`CausalAttention`),
-                                        both only while B*h*T*T*c <= attention.MAX_SAVED_SCORE_BYTES
+                                        both only while B*h*T*T*c <= attention.MAX_SAVED_SCORE_BYTES, for plain
+                                        causal attention
              or + 4*B*h*T (+ c*N*h*hd)  elsewhere (SDPA's flash kernel): the log-sum-exp, and on the CPU with
-                                        RoPE outside the native kernel a copy of the output (SDPA returns it
-                                        head-major for the contiguous q of torch's RoPE)
+                                        RoPE outside the native kernel (autocast, partial rotation, QK-norm) a
+                                        copy of the output (SDPA returns it head-major for the contiguous q of
+                                        torch's RoPE); with a sliding window shorter than T, also the mask as
+                                        c*T*T floats, and with ALiBi its biased mask, c*h*T*T
     MLP      k*c*N*f                    k = 3 for float32 SwiGLU through the native kernel; GLU: 4 (gate, act,
                                         up, product), 3 with ReLU (it keeps its output, not its input);
                                         plain: 2 (up, act), 1 with ReLU
     autocast 2 * (block matmul weights) the bf16 copies of the weights (TP-local; under FSDP2 of the gathered
-                                        weights), + RoPE's half-width bf16 cos/sin for q and k (4*B*T*hd bytes)
-  and once per forward: the token ids (8*N, int64), learned positions (8*T), RoPE's float32 cos/sin (2 * 4*B*T*hd,
-  shared by all blocks in float32), the final norm, and the loss: the fused output projection + cross-entropy
-  of `fused_loss`, inside the model's forward in every layout (plain, DDP, FSDP2, TP, a pipeline's last stage),
-  keeps its float32 gradients w.r.t. the hidden states and the head (4*N*d + 4*V*d).
+                                        weights), + RoPE's half-width bf16 cos/sin for q and k (4*B*T*hd bytes;
+                                        whole-head rotation only)
+  and once per forward: the token ids (8*N, int64), learned positions (8*T), the embedding scale (4), RoPE's
+  float32 cos/sin (2 * 4*B*T*r, shared by all blocks in float32 or with partial rotation), the final norm, and
+  the loss: the fused output projection + cross-entropy of `fused_loss`, inside the model's forward in every
+  layout (plain, DDP, FSDP2, TP, a pipeline's last stage), keeps its float32 gradients w.r.t. the hidden states
+  and the head (4*N*d + 4*V*d).
   With activation checkpointing (`trainer.apply_activation_checkpointing`) a block keeps only its inputs (the
-  float32 residual and the pending branch, c bytes) and the shared RoPE tables, and the backward recomputes one
-  block at a time: one block's activations are added as the peak. Pipeline stages (`llmkit.train.pipeline`)
+  float32 residual and, for pre-norm blocks, the pending branch, c bytes) and the shared arguments (RoPE tables,
+  a windowed layer's boolean mask, ALiBi's float32 bias and causal mask), and the backward recomputes one block
+  at a time: the largest block's activations are added as the peak. Pipeline stages (`llmkit.train.pipeline`)
   run 1F1B: stage s holds pp - s micro-batches in flight (Narayanan et al. 2021), so the first stage holds pp
   (GPipe would hold all m).
-  The estimate describes llmkit's default path on the given `device`: on the CPU with the native float32
-  kernels built (`native=False` for LLMKIT_NATIVE=0 or no compiler), which is what the tests measure; on CUDA
-  (no native kernels; SDPA flash attention in bf16/fp16 and memory-efficient attention in fp32, whose
-  log-sum-exp is padded to 32 rows; its random-state scalars are left out) it is the same accounting, not
-  measured here. It covers pre-norm decoder-only models with dense FFNs, no dropout, soft-capping, QK-norm,
-  sliding windows, ALiBi/T5 biases, partial RoPE, embedding scaling or GLM block positions, and refuses the rest
-  with a ValueError rather than guess. `micro_batch` is the number of sequences per forward on one data-parallel rank.
+  The estimate describes llmkit's default path on the given `device` for causal-LM batches: on the CPU with the
+  native float32 kernels built (`native=False` for LLMKIT_NATIVE=0 or no compiler), which is what the tests
+  measure; on CUDA (no native kernels; SDPA flash attention in bf16/fp16 and memory-efficient attention in fp32,
+  whose log-sum-exp is padded to 32 rows; its random-state scalars are left out) it is the same accounting, not
+  measured here. It covers decoder-only models (prefix decoders included) with dense FFNs: pre-norm, Post-LN,
+  DeepNorm, sandwich and parallel blocks, QK-norm, sliding windows, ALiBi, partial RoPE, Gemma's norm offset and
+  embedding scale, GLM's block positions and embedding-gradient shrink. It refuses, with a ValueError rather
+  than a guess, encoder-decoder models, MoE, dropout, soft-capping and T5 biases. `micro_batch` is the number of
+  sequences per forward on one data-parallel rank.
 """
 from __future__ import annotations
 
@@ -180,18 +194,14 @@ def _layer_stages(n_layers: int, pp: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- activations
 def _check_supported(cfg: ModelConfig) -> None:
     unsupported = {
-        "arch": cfg.arch != "decoder", "norm_position": cfg.norm_position != "pre",
-        "parallel_block": cfg.parallel_block, "n_experts": bool(cfg.n_experts), "dropout": cfg.dropout > 0,
+        "arch": cfg.arch == "encoder_decoder", "n_experts": bool(cfg.n_experts), "dropout": cfg.dropout > 0,
         "attn_softcap": cfg.attn_softcap is not None, "logit_softcap": cfg.logit_softcap is not None,
-        "qk_norm": cfg.qk_norm, "sliding_window": bool(cfg.sliding_window) or cfg.layer_types is not None,
-        "pos": cfg.pos in ("alibi", "t5"), "rope_fraction": cfg.pos == "rope" and cfg.rope_fraction != 1.0,
-        "embed_scale": cfg.embed_scale is not None, "embed_grad_scale": cfg.embed_grad_scale != 1.0,
-        "norm_offset": cfg.norm_offset != 0.0, "block_pos": cfg.block_pos,
+        "pos": cfg.pos == "t5",
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"estimate_memory's activation model covers pre-norm decoder-only models with dense FFNs and "
-                         f"plain causal attention; this config sets {bad}")
+        raise ValueError(f"estimate_memory's activation model covers decoder-only models with dense FFNs, no dropout, "
+                         f"soft-capping or T5 biases; this config sets {bad}")
 
 
 class _Act:
@@ -207,6 +217,12 @@ class _Act:
         self.hd, self.d, self.V = cfg.head_dim, cfg.d_model, cfg.vocab_size
         self.stats = 1 if cfg.norm == "rmsnorm" else 2
         self.rope = cfg.pos == "rope"
+        self.rot = int(cfg.head_dim * cfg.rope_fraction) if self.rope else 0  # rotary dims of a head
+        # RoPE through the native kernel: float32, whole heads, q and k straight from their projections
+        self.native_rope = self.native_f32 and cfg.rope_fraction == 1.0 and not cfg.qk_norm
+        # under autocast a whole-head rotation casts the first halves of cos/sin per block; a partial one keeps
+        # the float32 tables
+        self.rope_halves = self.autocast and self.rope and self.rot == cfg.head_dim
 
     def _probs_kept(self) -> bool:
         """Whether attention keeps the [B, h, T, T] probabilities: the CPU training kernels (`use_causal_attention`,
@@ -215,46 +231,80 @@ class _Act:
             return False
         return self.B * self.h * self.T * self.T * self.c <= _attention.MAX_SAVED_SCORE_BYTES
 
-    def block(self) -> int:
+    def _windowed(self, layer: int) -> bool:
+        """Whether layer's attention takes an explicit mask: a sliding window shorter than the sequence."""
+        return self.cfg.layer_type(layer) == "local" and self.T > self.cfg.sliding_window
+
+    def block(self, layer: int = 0) -> int:
+        cfg = self.cfg
         N, d, c, B, T, h, kv, hd, f = self.N, self.d, self.c, self.B, self.T, self.h, self.kv, self.hd, self.f
-        norms = 2 * (F32 * N * d + F32 * N * self.stats) + 2 * c * N * d
+        one_norm = F32 * N * d + F32 * N * self.stats + (F32 * d if cfg.norm_offset else 0)
+        if cfg.parallel_block:  # one norm feeds both branches, cast once
+            norms = one_norm + c * N * d
+        else:
+            norms = 2 * one_norm + 2 * c * N * d
+            if cfg.norm_position == "sandwich":  # the norms after each branch save their float32 inputs too
+                norms += 2 * one_norm
+            if cfg.norm_position == "post" and self.autocast:  # no single cast: q, k, v (and gate, up) cast apiece
+                norms += (2 + (1 if cfg.is_glu else 0)) * c * N * d
         attn = c * (2 * N * h * hd + 2 * N * kv * hd)
-        if self._probs_kept():
+        if cfg.qk_norm:  # the q and k norms' inputs (float32, but LayerNorm under autocast keeps c) and row statistics
+            x_bytes = c if (self.autocast and cfg.norm == "layernorm") else F32
+            attn += N * (h + kv) * (x_bytes * hd + F32 * self.stats) + (2 * F32 * hd if cfg.norm_offset else 0)
+        biased = cfg.pos == "alibi"
+        if self._windowed(layer) or biased:  # SDPA with an explicit float mask (ALiBi: the bias, per head);
+            rows = T if self.cpu else -(-T // 32) * 32  # on CUDA the memory-efficient kernel, which takes masks
+            attn += F32 * B * h * rows + c * (h if biased else 1) * T * T
+            if self.cpu and self.rope and not self.native_rope:
+                attn += c * N * h * hd
+        elif self._probs_kept():
             attn += c * B * h * T * T
         else:  # SDPA: float32 log-sum-exp (memory-efficient kernel on CUDA fp32: padded to 32 rows)
             rows = -(-T // 32) * 32 if (not self.cpu and not self.autocast) else T
             attn += F32 * B * h * rows
-            if self.cpu and self.rope and not self.native_f32:
+            if self.cpu and self.rope and not self.native_rope:
                 attn += c * N * h * hd  # CPU SDPA answers a contiguous q (torch's RoPE) head-major: o copies it
-        base = activation_base(self.cfg.activation)
-        if self.cfg.is_glu:
+        base = activation_base(cfg.activation)
+        if cfg.is_glu:
             k = 3 if (self.native_f32 and base == "silu") or base == "relu" else 4
         else:
             k = 1 if base == "relu" else 2
         mlp = k * c * N * f
         extra = 0
         if self.autocast:
-            w = d * (h + 2 * kv) * hd + h * hd * d + (3 if self.cfg.is_glu else 2) * d * f
+            w = d * (h + 2 * kv) * hd + h * hd * d + (3 if cfg.is_glu else 2) * d * f
             extra += 2 * w
-            if self.rope:
-                extra += 4 * B * T * (hd // 2) * 2  # cos/sin halves cast for q and for k
+            if self.rope_halves:
+                extra += 4 * B * T * (self.rot // 2) * 2  # cos/sin halves cast for q and for k
         return norms + attn + mlp + extra
 
     def rope_tables(self) -> int:
         """RoPE's float32 cos/sin [B, 1, T, hd], shared by every block."""
-        return 2 * F32 * self.B * self.T * self.hd if self.rope else 0
+        return 2 * F32 * self.B * self.T * self.rot
 
     def embed_terms(self) -> int:
-        return 8 * self.N + (8 * self.T if self.cfg.pos == "learned" else 0)
+        return 8 * self.N + (8 * self.T if self.cfg.pos == "learned" else 0) + (F32 if self.cfg.embed_scale else 0)
 
     def head_terms(self) -> int:
         N, d, V = self.N, self.d, self.V
-        out = (F32 * N * d + F32 * N * self.stats) if self.cfg.has_final_norm else 0
+        out = 0
+        if self.cfg.has_final_norm:
+            out = F32 * N * d + F32 * N * self.stats + (F32 * d if self.cfg.norm_offset else 0)
         return out + F32 * N * d + F32 * V * d  # fused_loss: d loss/d hidden and d loss/d head weight
 
+    def ctx_tensors(self, layers: list[int]) -> int:
+        """What checkpointed blocks keep of their shared arguments besides RoPE's tables: the boolean masks of
+        windowed layers, ALiBi's float32 bias for all local heads and its causal mask."""
+        out = self.T * self.T if any(self._windowed(i) for i in layers) else 0
+        if self.cfg.pos == "alibi":
+            out += F32 * self.h * self.T * self.T + (0 if all(self._windowed(i) for i in layers) else self.T * self.T)
+        return out
+
     def block_inputs(self, first: bool) -> int:
-        """What a checkpointed block keeps: the float32 residual and, after the first block, the pending branch."""
-        return F32 * self.N * self.d + (0 if first else self.c * self.N * self.d)
+        """What a checkpointed block keeps: the float32 residual and, after the first pre-norm block, the pending
+        branch (post-norm and parallel blocks hand on their whole output)."""
+        pending = not first and not self.cfg.parallel_block and self.cfg.norm_position != "post"
+        return F32 * self.N * self.d + (self.c * self.N * self.d if pending else 0)
 
 
 def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: str = "fp32",
@@ -299,16 +349,15 @@ def estimate_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, dtype: 
     if stage is not None and not 0 <= stage < pp:
         raise ValueError(f"stage={stage} is not one of the {pp} pipeline stages")
     act = _Act(cfg, micro_batch, seq_len, dtype, device, native, tp)
-    per_block = act.block()
     for s, st in enumerate(stages):
         layers = [i for i, ls in enumerate(layer_stage) if ls == s]
         outside = (act.embed_terms() if s == 0 else 0) + (act.head_terms() if s == pp - 1 else 0)
         if activation_checkpointing:
-            kept = outside + act.rope_tables() + sum(act.block_inputs(i == 0) for i in layers)
-            peak = per_block  # the block being recomputed in the backward
+            kept = outside + act.rope_tables() + act.ctx_tensors(layers) + sum(act.block_inputs(i == 0) for i in layers)
+            peak = max(act.block(i) for i in layers)  # the block being recomputed in the backward
         else:
-            shared = act.rope_tables() if not act.autocast else 0  # bf16 casts them per block instead
-            kept = outside + shared + len(layers) * per_block
+            shared = act.rope_tables() if not act.rope_halves else 0  # bf16 casts halves per block instead
+            kept = outside + shared + sum(act.block(i) for i in layers)
             peak = 0
         st["activations"] = (pp - s) * kept + peak  # 1F1B: stage s holds pp - s micro-batches
         st["total"] = st["params"] + st["grads"] + st["optimizer"] + st["activations"]

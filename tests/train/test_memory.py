@@ -211,6 +211,18 @@ CONFIGS = {  # (config, micro-batch, sequence length)
     "gpt2": (_gpt2(), 2, 16),
     "gpt2-relu-untied": (_gpt2(d_model=64, activation="relu", tie_embeddings=False), 1, 40),
     "reglu-sinusoidal": (tiny_cfg(activation="reglu", pos="sinusoidal", norm="layernorm"), 2, 8),
+    # QK-norm with GQA (Qwen3, OLMo 2)
+    "qk-norm-gqa": (tiny_cfg(d_model=64, n_heads=8, n_kv_heads=2, qk_norm=True), 2, 24),
+    # Gemma 2/3: sandwich norms with the (1 + w) offset, embedding scale, QK-norm, local and global layers
+    "gemma-local-global": (tiny_cfg(norm_position="sandwich", norm_offset=1.0, embed_scale=4.0, qk_norm=True,
+                                    activation="geglu", sliding_window=6, layer_types=["local", "global"]), 2, 16),
+    # BLOOM: ALiBi, LayerNorm, GELU, biases
+    "bloom-alibi": (_gpt2(pos="alibi", tie_embeddings=False), 2, 16),
+    # GPT-NeoX / GPT-J: parallel block, partial rotary
+    "neox-parallel": (tiny_cfg(parallel_block=True, rope_fraction=0.25, norm="layernorm", activation="gelu"), 3, 16),
+    # GLM-130B: prefix decoder, Post-LN DeepNorm, GeGLU, embedding-gradient shrink, GLM's block positions
+    "glm-post-deepnorm": (tiny_cfg(arch="prefix_decoder", norm_position="post", deepnorm=True, norm="layernorm",
+                                   activation="geglu", embed_grad_scale=0.1, block_pos=True), 2, 16),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -220,8 +232,10 @@ def _check(name, dtype, ckpt=False, wrapped=False, native=None):
     meas = _measured(cfg, B, T, DTYPES[dtype], ckpt, wrapped)
     est = estimate_memory(cfg, micro_batch=B, seq_len=T, dtype=dtype, activation_checkpointing=ckpt,
                           dp=2 if wrapped else 1, native=_native() if native is None else native)["activations"]
-    # (exact on torch 2.13; the bound leaves room for torch to change a kernel's saved tensors)
-    assert abs(est - meas) <= 0.10 * meas, (name, dtype, ckpt, wrapped, est, meas)
+    # exact on torch 2.13, the pinned release; on others (`make compat`) a bound leaves room for torch to change a
+    # kernel's saved tensors
+    tol = 0.0 if torch.__version__.startswith("2.13.") else 0.10
+    assert abs(est - meas) <= tol * meas, (name, dtype, ckpt, wrapped, est, meas)
     return est, meas
 
 
@@ -232,7 +246,7 @@ def test_activations_match_saved_tensors(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2", "bloom-alibi", "neox-parallel", "glm-post-deepnorm"])
 def test_activation_checkpointing_keeps_block_inputs_plus_one_block(name, dtype):
     est, meas = _check(name, dtype, ckpt=True)
     full, _ = _check(name, dtype)
@@ -265,7 +279,7 @@ def test_last_pipeline_stage_fuses_its_head(name, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activations_without_native_kernels(dtype, monkeypatch):
     monkeypatch.setattr(layers, "_NATIVE", [lambda: None])  # as LLMKIT_NATIVE=0
-    for name in ("llama-gqa", "gpt2"):
+    for name in ("llama-gqa", "gpt2", "qk-norm-gqa", "gemma-local-global", "neox-parallel"):
         _check(name, dtype, native=False)
     _check("llama", dtype, ckpt=True, native=False)
 
@@ -298,7 +312,8 @@ def test_activation_scaling_and_parallel_division():
 
 
 def test_unsupported_architectures_are_refused():
-    for kw in (dict(dropout=0.1), dict(norm_position="post"), dict(pos="alibi"), dict(n_experts=4), dict(block_pos=True)):
+    for kw in (dict(dropout=0.1), dict(pos="t5"), dict(n_experts=4), dict(attn_softcap=50.0), dict(logit_softcap=30.0),
+               dict(arch="encoder_decoder", pos="t5")):
         with pytest.raises(ValueError, match="activation model covers"):
             estimate_memory(tiny_cfg(**kw), micro_batch=1, seq_len=8)
     with pytest.raises(ValueError, match="shard='zero2' is unknown"):
