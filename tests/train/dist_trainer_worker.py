@@ -101,9 +101,8 @@ def main(strategy: str, out: str) -> None:
     sd = dist.model_state_dict(trainer.model) if strategy.startswith("pp") else full_state_dict(trainer.model)
     # the bytes of the parameters this rank holds (its local shards), and what the memory planner says they are
     local = sum(4 * (p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
-    plain = not (prefix or docs or ul2 or alibi or encdec or qknorm or glm or ac)  # (models the planner covers)
     planned = estimate_memory(model.cfg, micro_batch=micro, seq_len=16, tp=2)["params"] \
-        if strategy == "tp" and plain else None
+        if strategy == "tp" and not encdec else None  # (the planner refuses encoder-decoder models)
     n_fused = torch.tensor(len(fused))
     if dist is not None:  # (a pipeline's head and loss live on its last stage)
         torch.distributed.all_reduce(n_fused)
