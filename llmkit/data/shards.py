@@ -247,12 +247,14 @@ class BatchLoader:
         return self.batch(w)
 
     def batch(self, windows: Sequence[int]) -> dict:
-        """{"input_ids", "labels"} LongTensors [len(windows), T] (+ "doc_ids", "positions") for these windows."""
+        """{"input_ids", "labels"} LongTensors [len(windows), T] (+ "doc_ids", "positions") for these windows, and
+        "window" [len(windows)]: their indices (what a denoiser seeds each row's noise by)."""
         import torch
 
         rows = np.stack([self.ds.tokens(int(i) * self.T, self.T + 1) for i in windows]).astype(np.int64)
         x = torch.from_numpy(rows)
-        out = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+        out = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
+               "window": torch.as_tensor(np.asarray(windows, np.int64))}
         if self.doc_info:
             out.update(self._doc_info(windows))
         return out

@@ -21,9 +21,10 @@ Implements:
 - layouts for both model kinds: decoder-only = [mode] inputs targets with a bidirectional prefix and loss
   on the targets only; encoder-decoder = encoder reads [mode] inputs, decoder predicts the targets;
 - `DenoisingLoader`: wraps a token loader (e.g. `BatchLoader`), re-using its windows. Every row's noise is drawn
-  from an RNG seeded by (seed, epoch, the row's tokens), so a sequence is corrupted the same way whatever
-  micro-batch, rank or pipeline split it travels in (accumulation and every distributed layout see the one-process
-  data); rows are padded to the window length, so every batch has the base loader's shape (static shapes for
+  from an RNG seeded by (seed, epoch, the row's window index; its tokens for a loader that gives no index), so a
+  window is corrupted the same way whatever micro-batch, rank or pipeline split it travels in (accumulation and
+  every distributed layout see the one-process data), and two windows with the same tokens (a duplicated
+  document, a periodic stream) are corrupted differently; rows are padded to the window length, so every batch has the base loader's shape (static shapes for
   pipeline stages and torch.compile). Resumable through `state_dict()`.
 
 Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
@@ -334,16 +335,20 @@ class DenoisingLoader:
     def __iter__(self):
         return self
 
-    def _rng(self, row: np.ndarray, epoch: int) -> np.random.Generator:
-        """The row's own RNG: seeded by (seed, epoch, its tokens), not by its place in a batch."""
+    def _rng(self, row: np.ndarray, epoch: int, window: int | None) -> np.random.Generator:
+        """The row's own RNG, not its place in a batch: seeded by (seed, epoch, its window's index), or by its
+        tokens when the base loader does not say which window it is."""
+        if window is not None:
+            return np.random.default_rng([self.seed, epoch, 1, int(window)])
         digest = hashlib.blake2b(np.ascontiguousarray(row, dtype=np.int64).tobytes(), digest_size=16).digest()
-        return np.random.default_rng([self.seed, epoch, *np.frombuffer(digest, dtype=np.uint32).tolist()])
+        return np.random.default_rng([self.seed, epoch, 0, *np.frombuffer(digest, dtype=np.uint32).tolist()])
 
     def __next__(self) -> dict:
         raw = next(self.base)
         epoch = int(getattr(self.base, "epoch", 0))  # (BatchLoader: the epoch of the batch just read)
         rows = torch.cat([raw["input_ids"], raw["labels"][:, -1:]], 1).numpy()
-        rngs = [self._rng(r, epoch) for r in rows]
+        windows = raw["window"].tolist() if "window" in raw else [None] * len(rows)
+        rngs = [self._rng(r, epoch, w) for r, w in zip(rows, windows)]
         if self.objective == "prefix_lm":  # prefix length uniform in [1, T): every row keeps >= 1 target
             p = torch.tensor([int(g.integers(1, rows.shape[1] - 1)) for g in rngs])
             return prefix_lm_batch(torch.from_numpy(rows), p)

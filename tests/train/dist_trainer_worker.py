@@ -79,7 +79,7 @@ def main(strategy: str, out: str) -> None:
     loader = BatchLoader(ds, micro, 16, seed=0, rank=rank, world_size=world, doc_info=docs)
     if prefix:
         loader = PrefixLM(loader)
-    if ul2:  # each row's noise is seeded by its tokens: a rank's or a micro-batch's rows are denoised as in one batch
+    if ul2:  # each row's noise is seeded by its window: a rank's or a micro-batch's rows are denoised as in one batch
         loader = DenoisingLoader(loader, "ul2", 64, n_sentinels=8, seed=0)
     if glm:  # every stage takes the 2D positions and the prefix lengths; the first embeds the block positions
         loader = DenoisingLoader(loader, "glm", 64, n_sentinels=8, seed=0, glm_gmask_prob=0.5)  # (uneven targets)

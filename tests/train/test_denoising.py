@@ -100,7 +100,7 @@ def test_decoder_layout_pads_to_the_window():
 
 @pytest.mark.parametrize("objective", ["ul2", "span_corruption", "prefix_lm", "glm"])
 def test_rows_are_denoised_alike_in_any_micro_batch_split(objective):
-    """A row's noise depends on the seed, the epoch and its tokens, not on its place in a batch: one batch of 8
+    """A row's noise depends on the seed, the epoch and its window, not on its place in a batch: one batch of 8
     equals two micro-batches of 4 over the same windows (what accumulation, a pipeline or two data-parallel ranks
     read), in every denoiser's layout; and a new epoch draws new noise for the same window (64-token windows: T5's
     sampler puts a lone noise span at the end, so 32-token windows, with one span, would be corrupted alike)."""
@@ -258,3 +258,22 @@ def test_glm_loader_batches_and_refusals():
         DenoisingLoader(tr, "glm", 64, n_sentinels=3)
     with pytest.raises(ValueError, match="pos=alibi"):
         wrap_objective("glm", tr, tr, tiny_cfg(vocab_size=64 + 3 + 8, pos="alibi"), {"n_sentinels": 8}, 0)
+
+
+@pytest.mark.parametrize("objective", ["glm", "span_corruption", "prefix_lm"])
+def test_repeated_windows_get_their_own_noise(objective):
+    """Rows are seeded by their window's index, not by their tokens: in a stream that repeats every window (a
+    duplicated document, a periodic corpus), the copies in one batch are corrupted differently. (Seeded by tokens,
+    all 8 copies came out alike, and a model memorised the few masks it saw instead of learning to fill blanks.)"""
+    from llmkit.data.shards import TokenDataset
+
+    stream = np.tile(np.arange(64, dtype=np.uint16), 20)  # (64 tokens: T5's sampler puts one span in 32 alike)
+    loader = BatchLoader(TokenDataset(arrays=[stream], eos_id=63), 8, 64, seed=0, shuffle=False)
+    raw = loader.batch(range(8))
+    assert all(torch.equal(raw["input_ids"][0], r) for r in raw["input_ids"])  # eight copies of one window
+    b = next(DenoisingLoader(loader, objective, 64, n_sentinels=8, seed=0))
+    key = "prefix_len" if objective == "prefix_lm" else "input_ids"
+    assert len({tuple(r.tolist()) for r in b[key].reshape(8, -1)}) > 1
+    no_index = {k: v for k, v in raw.items() if k != "window"}  # a loader that gives no index: seeded by tokens
+    c = next(DenoisingLoader(iter([no_index]), objective, 64, n_sentinels=8, seed=0))
+    assert len({tuple(r.tolist()) for r in c[key].reshape(8, -1)}) == 1
