@@ -83,5 +83,5 @@ def test_a_glm_trained_model_fills_held_out_blanks():
         for name, m in (("trained", model), ("untrained", untrained)):
             _, fills = fill_blanks(m, ids[:n_a], BASE, max_new=8)
             exact[name] += sum(f == truth[b] for b, f in zip(blanks, fills))
-    # (measured: 25 of 62 blanks exactly right; the others mostly cross a run's end, which no context fixes)
+    # (measured: 25 of 62 blanks exactly right; a blank across a run's end cannot be filled from context)
     assert exact["trained"] >= 0.3 * n and exact["untrained"] <= 0.05 * n, (exact, n)
