@@ -128,7 +128,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.block_pos and self.arch == "encoder_decoder":
-            raise ConfigError("block_pos (GLM's 2D positions) belongs to decoder-only models; this one is encoder_decoder")
+            raise ConfigError("block_pos (GLM's 2D positions) belongs to decoder-only models; "
+                              "this one is encoder_decoder")
         if self.pos == "rope" and int(self.head_dim * self.rope_fraction) % 2:
             raise ConfigError("RoPE needs an even number of rotary dimensions; change head_dim or rope_fraction")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS:

@@ -24,12 +24,13 @@ Implements:
   from an RNG seeded by (seed, epoch, the row's window index; its tokens for a loader that gives no index), so a
   window is corrupted the same way whatever micro-batch, rank or pipeline split it travels in (accumulation and
   every distributed layout see the one-process data), and two windows with the same tokens (a duplicated
-  document, a periodic stream) are corrupted differently; rows are padded to the window length, so every batch has the base loader's shape (static shapes for
-  pipeline stages and torch.compile). Resumable through `state_dict()`.
+  document, a periodic stream) are corrupted differently; rows are padded to the window length, so every batch
+  has the base loader's shape (static shapes for pipeline stages and torch.compile). Resumable through
+  `state_dict()`.
 
 Special ids live above the tokenizer's vocabulary: [R], [S], [X] = base, base+1, base+2 and sentinel i =
-base + 3 + i; GLM's [MASK], [START], [END], [gMASK] take the first four sentinel ids. `special_vocab(base, n_sentinels)`
-gives the model's vocabulary size.
+base + 3 + i; GLM's [MASK], [START], [END], [gMASK] take the first four sentinel ids.
+`special_vocab(base, n_sentinels)` gives the model's vocabulary size.
 """
 from __future__ import annotations
 
@@ -317,10 +318,11 @@ class DenoisingLoader:
             if encoder_decoder:
                 raise ValueError("GLM blank infilling trains decoder-only models (Part A is the encoder's share)")
             if not 0 < self.glm[0] < 1 or self.glm[1] <= 0 or not 0 <= self.glm[2] <= 1:
-                raise ValueError(f"data.glm_rate must lie in (0, 1), data.glm_mean_span be > 0 and data.glm_gmask_prob "
-                                 f"in [0, 1], got {self.glm}")
+                raise ValueError(f"data.glm_rate must lie in (0, 1), data.glm_mean_span be > 0 and "
+                                 f"data.glm_gmask_prob in [0, 1], got {self.glm}")
             if n_sentinels < 4:
-                raise ValueError(f"GLM's [MASK], [START], [END] and [gMASK] take 4 sentinel ids; n_sentinels={n_sentinels}")
+                raise ValueError(f"GLM's [MASK], [START], [END] and [gMASK] take 4 sentinel ids; "
+                                 f"n_sentinels={n_sentinels}")
         elif objective == "ul2":
             self.denoisers = list(UL2_DENOISERS)
             w = np.asarray(mixture if mixture is not None else [1.0] * len(self.denoisers), dtype=np.float64)

@@ -10,7 +10,8 @@ from llmkit.data.shards import BatchLoader
 
 from llmkit.train.denoising import (GLM_MAX_SPAN, MODES, UL2_DENOISERS, Denoiser, DenoisingLoader, collate_decoder,
                                     collate_encdec, denoise_example, glm_example, glm_ids, glm_reconstruct,
-                                    glm_span_lengths, random_spans_noise_mask, reconstruct, span_corrupt, wrap_objective)
+                                    glm_span_lengths, random_spans_noise_mask, reconstruct, span_corrupt,
+                                    wrap_objective)
 from tests.train.conftest import loaders, tiny_cfg, tiny_model
 
 SENT = list(range(1000, 1100))
@@ -164,7 +165,8 @@ def test_glm_rows_reconstruct_and_lay_out_part_a_and_shuffled_part_b():
         T = int(rng.integers(8, 160))
         toks = rng.integers(0, base, size=T + 1)
         ex = glm_example(toks, rng, base, T)
-        ids, lab, pos, blk, n_a = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"], ex["prefix_len"]
+        ids, lab, pos, blk = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"]
+        n_a = ex["prefix_len"]
         assert len(ids) == len(lab) == len(pos) == len(blk) <= T
         rec = glm_reconstruct(ex, base)
         assert rec == toks[: len(rec)].tolist()  # Part A with every span put back at its [MASK]
@@ -196,7 +198,8 @@ def test_glm_document_level_rows_fill_one_long_blank_behind_gmask():
     for _ in range(2000):
         toks = rng.integers(0, base, size=65)
         ex = glm_example(toks, rng, base, 64, gmask_prob=0.3)
-        ids, lab, pos, blk, n_a = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"], ex["prefix_len"]
+        ids, lab, pos, blk = ex["input_ids"], ex["labels"], ex["positions"], ex["block_positions"]
+        n_a = ex["prefix_len"]
         rec = glm_reconstruct(ex, base)
         assert rec == toks[: len(rec)].tolist()
         is_g = gmask_id in ids

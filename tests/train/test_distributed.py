@@ -102,7 +102,8 @@ def test_trainer_under_torchrun_equals_single_process(strategy, tmp_path):
     worker = Path(__file__).with_name("dist_trainer_worker.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
-    suffix = next((s for s in ("-prefix", "-docs", "-ul2", "-alibi", "-encdec", "-qknorm", "-glm") if strategy.endswith(s)), "")
+    suffixes = ("-prefix", "-docs", "-ul2", "-alibi", "-encdec", "-qknorm", "-glm")
+    suffix = next((s for s in suffixes if strategy.endswith(s)), "")
     ref = "none" + suffix
     res = subprocess.run([sys.executable, str(worker), ref, str(single)], env=env, capture_output=True, text=True,
                          timeout=240)
