@@ -279,7 +279,7 @@ class _Act:
         return norms + attn + mlp + extra
 
     def rope_tables(self) -> int:
-        """RoPE's float32 cos/sin [B, 1, T, hd], shared by every block."""
+        """RoPE's float32 cos/sin [B, 1, T, r] (r: the rotary dims), shared by every block."""
         return 2 * F32 * self.B * self.T * self.rot
 
     def embed_terms(self) -> int:
