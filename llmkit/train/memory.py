@@ -48,6 +48,9 @@ What is exact and what is approximate:
                                         copy of the output (SDPA returns it head-major for the contiguous q of
                                         torch's RoPE); with a sliding window shorter than T, also the mask as
                                         c*T*T floats, and with ALiBi its biased mask, c*h*T*T
+             soft-capped attention (Gemma 2, written out): 4*c*N*h*hd (q, k, v with every query head,
+                                        and o) + 2*c*B*h*T*T (capped scores, probabilities; + 4*B*h*T*T with
+                                        ALiBi under autocast) + T*T (its mask), instead of the above
     MLP      k*c*N*f                    k = 3 for float32 SwiGLU through the native kernel; GLU: 4 (gate, act,
                                         up, product), 3 with ReLU (it keeps its output, not its input);
                                         plain: 2 (up, act), 1 with ReLU
@@ -58,7 +61,8 @@ What is exact and what is approximate:
   float32 cos/sin (2 * 4*B*T*r, shared by all blocks in float32 or with partial rotation), the final norm, and
   the loss: the fused output projection + cross-entropy of `fused_loss`, inside the model's forward in every
   layout (plain, DDP, FSDP2, TP, a pipeline's last stage), keeps its float32 gradients w.r.t. the hidden states
-  and the head (4*N*d + 4*V*d).
+  and the head (4*N*d + 4*V*d); a logit soft-cap takes the plain head instead: its input (c*N*d, and the bf16
+  weight 2*V*d under autocast), the capped logits (c*N*V), their float32 log-softmax (4*N*V) and the labels (8*N).
   With activation checkpointing (`trainer.apply_activation_checkpointing`) a block keeps only its inputs (the
   float32 residual and, for pre-norm blocks, the pending branch, c bytes) and the shared arguments (RoPE tables,
   a windowed layer's boolean mask, ALiBi's float32 bias and causal mask), and the backward recomputes one block
@@ -70,9 +74,9 @@ What is exact and what is approximate:
   measure; on CUDA (no native kernels; SDPA flash attention in bf16/fp16 and memory-efficient attention in fp32,
   whose log-sum-exp is padded to 32 rows; its random-state scalars are left out) it is the same accounting, not
   measured here. It covers decoder-only models (prefix decoders included) with dense FFNs: pre-norm, Post-LN,
-  DeepNorm, sandwich and parallel blocks, QK-norm, sliding windows, ALiBi, partial RoPE, Gemma's norm offset and
-  embedding scale, GLM's block positions and embedding-gradient shrink. It refuses, with a ValueError rather
-  than a guess, encoder-decoder models, MoE, dropout, soft-capping and T5 biases. `micro_batch` is the number of
+  DeepNorm, sandwich and parallel blocks, QK-norm, sliding windows, ALiBi, partial RoPE, Gemma's norm offset,
+  embedding scale and soft-capping, GLM's block positions and embedding-gradient shrink. It refuses, with a
+  ValueError rather than a guess, encoder-decoder models, MoE, dropout and T5 biases. `micro_batch` is the number of
   sequences per forward on one data-parallel rank.
 """
 from __future__ import annotations
@@ -195,13 +199,12 @@ def _layer_stages(n_layers: int, pp: int) -> list[int]:
 def _check_supported(cfg: ModelConfig) -> None:
     unsupported = {
         "arch": cfg.arch == "encoder_decoder", "n_experts": bool(cfg.n_experts), "dropout": cfg.dropout > 0,
-        "attn_softcap": cfg.attn_softcap is not None, "logit_softcap": cfg.logit_softcap is not None,
         "pos": cfg.pos == "t5",
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"estimate_memory's activation model covers decoder-only models with dense FFNs, no dropout, "
-                         f"soft-capping or T5 biases; this config sets {bad}")
+        raise ValueError(f"estimate_memory's activation model covers decoder-only models with dense FFNs, no dropout "
+                         f"or T5 biases; this config sets {bad}")
 
 
 class _Act:
@@ -248,11 +251,13 @@ class _Act:
             if cfg.norm_position == "post" and self.autocast:  # no single cast: q, k, v (and gate, up) cast apiece
                 norms += (2 + (1 if cfg.is_glu else 0)) * c * N * d
         attn = c * (2 * N * h * hd + 2 * N * kv * hd)
-        if cfg.qk_norm:  # the q and k norms' inputs (float32, but LayerNorm under autocast keeps c) and row statistics
-            x_bytes = c if (self.autocast and cfg.norm == "layernorm") else F32
-            attn += N * (h + kv) * (x_bytes * hd + F32 * self.stats) + (2 * F32 * hd if cfg.norm_offset else 0)
         biased = cfg.pos == "alibi"
-        if self._windowed(layer) or biased:  # SDPA with an explicit float mask (ALiBi: the bias, per head);
+        if cfg.attn_softcap is not None:  # the written-out attention: q, k and v with every query head (GQA
+            # repeats k and v), the capped scores and the probabilities, and its causal or window mask (~mask);
+            # an ALiBi bias (float32) makes the probabilities float32, cast back to c for the product with v
+            scores = 2 * c + (F32 if biased and self.autocast else 0)
+            attn = c * 4 * N * h * hd + scores * B * h * T * T + T * T
+        elif self._windowed(layer) or biased:  # SDPA with an explicit float mask (ALiBi: the bias, per head);
             rows = T if self.cpu else -(-T // 32) * 32  # on CUDA the memory-efficient kernel, which takes masks
             attn += F32 * B * h * rows + c * (h if biased else 1) * T * T
             if self.cpu and self.rope and not self.native_rope:
@@ -264,6 +269,9 @@ class _Act:
             attn += F32 * B * h * rows
             if self.cpu and self.rope and not self.native_rope:
                 attn += c * N * h * hd  # CPU SDPA answers a contiguous q (torch's RoPE) head-major: o copies it
+        if cfg.qk_norm:  # the q and k norms' inputs (float32, but LayerNorm under autocast keeps c) and row statistics
+            x_bytes = c if (self.autocast and cfg.norm == "layernorm") else F32
+            attn += N * (h + kv) * (x_bytes * hd + F32 * self.stats) + (2 * F32 * hd if cfg.norm_offset else 0)
         base = activation_base(cfg.activation)
         if cfg.is_glu:
             k = 3 if (self.native_f32 and base == "silu") or base == "relu" else 4
@@ -286,10 +294,13 @@ class _Act:
         return 8 * self.N + (8 * self.T if self.cfg.pos == "learned" else 0) + (F32 if self.cfg.embed_scale else 0)
 
     def head_terms(self) -> int:
-        N, d, V = self.N, self.d, self.V
+        N, d, V, c = self.N, self.d, self.V, self.c
         out = 0
         if self.cfg.has_final_norm:
             out = F32 * N * d + F32 * N * self.stats + (F32 * d if self.cfg.norm_offset else 0)
+        if self.cfg.logit_softcap is not None:  # the plain head: its input (and bf16 weight), the capped logits,
+            # the float32 log-softmax, the int64 labels and the cap as a scalar
+            return out + c * N * d + (2 * V * d if self.autocast else 0) + c * N * V + F32 * N * V + 8 * N + F32
         return out + F32 * N * d + F32 * V * d  # fused_loss: d loss/d hidden and d loss/d head weight
 
     def ctx_tensors(self, layers: list[int]) -> int:

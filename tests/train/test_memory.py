@@ -216,6 +216,11 @@ CONFIGS = {  # (config, micro-batch, sequence length)
     # Gemma 2/3: sandwich norms with the (1 + w) offset, embedding scale, QK-norm, local and global layers
     "gemma-local-global": (tiny_cfg(norm_position="sandwich", norm_offset=1.0, embed_scale=4.0, qk_norm=True,
                                     activation="geglu", sliding_window=6, layer_types=["local", "global"]), 2, 16),
+    # Gemma 2: attention and logit soft-capping (written-out attention, plain head), GQA, local and global layers
+    "gemma2-softcap": (tiny_cfg(attn_softcap=50.0, logit_softcap=30.0, norm_position="sandwich", norm_offset=1.0,
+                                embed_scale=4.0, activation="geglu", n_kv_heads=2, sliding_window=6,
+                                layer_types=["local", "global"]), 2, 16),
+    "gemma2-softcap-global": (tiny_cfg(attn_softcap=50.0, logit_softcap=30.0, n_kv_heads=2), 2, 16),
     # BLOOM: ALiBi, LayerNorm, GELU, biases
     "bloom-alibi": (_gpt2(pos="alibi", tie_embeddings=False), 2, 16),
     # GPT-NeoX / GPT-J: parallel block, partial rotary
@@ -246,7 +251,8 @@ def test_activations_match_saved_tensors(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2", "bloom-alibi", "neox-parallel", "glm-post-deepnorm"])
+@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2", "bloom-alibi", "neox-parallel", "glm-post-deepnorm",
+                                  "gemma2-softcap-global"])
 def test_activation_checkpointing_keeps_block_inputs_plus_one_block(name, dtype):
     est, meas = _check(name, dtype, ckpt=True)
     full, _ = _check(name, dtype)
@@ -279,7 +285,7 @@ def test_last_pipeline_stage_fuses_its_head(name, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activations_without_native_kernels(dtype, monkeypatch):
     monkeypatch.setattr(layers, "_NATIVE", [lambda: None])  # as LLMKIT_NATIVE=0
-    for name in ("llama-gqa", "gpt2", "qk-norm-gqa", "gemma-local-global", "neox-parallel"):
+    for name in ("llama-gqa", "gpt2", "qk-norm-gqa", "gemma-local-global", "gemma2-softcap", "neox-parallel"):
         _check(name, dtype, native=False)
     _check("llama", dtype, ckpt=True, native=False)
 
@@ -312,8 +318,7 @@ def test_activation_scaling_and_parallel_division():
 
 
 def test_unsupported_architectures_are_refused():
-    for kw in (dict(dropout=0.1), dict(pos="t5"), dict(n_experts=4), dict(attn_softcap=50.0), dict(logit_softcap=30.0),
-               dict(arch="encoder_decoder", pos="t5")):
+    for kw in (dict(dropout=0.1), dict(pos="t5"), dict(n_experts=4), dict(arch="encoder_decoder", pos="t5")):
         with pytest.raises(ValueError, match="activation model covers"):
             estimate_memory(tiny_cfg(**kw), micro_batch=1, seq_len=8)
     with pytest.raises(ValueError, match="shard='zero2' is unknown"):
