@@ -2,7 +2,8 @@
 # The GPU checks of the pre-training issue in one run, for a machine with a CUDA GPU (about 4-6 minutes):
 #   bash bench/gpu_check.sh        # from anywhere; logs go to $OUT (or ./gpu_check_out)
 # 1. the CUDA tests (tests/train/test_trainer.py -k cuda): fp32 (TF32), bf16 and fp16 training against CPU
-#    fp32, fp16's loss-scale skip and resume, torch.compile against eager;
+#    fp32, GLM batches (prefix masks, 2D positions) in fp32 and bf16 against CPU fp32, fp16's loss-scale skip and
+#    resume, torch.compile against eager;
 # 2. GPT-2-124M bf16 throughput and MFU with torch.compile (bench/pretrain.py --only gpu; target >= 45% on
 #    an H100/H200).
 # It installs nothing: it runs on the python3 that holds a CUDA build of torch ($PYTHON to choose another).

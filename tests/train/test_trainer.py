@@ -6,6 +6,7 @@ import torch
 
 from llmkit.model import ModelConfig, Transformer
 from llmkit.train import checkpoint as ckpt
+from llmkit.train.denoising import DenoisingLoader, special_vocab
 from llmkit.train.objectives import lm_loss
 from llmkit.train.trainer import Trainer, apply_activation_checkpointing
 from tests.train.conftest import loaders, tiny_model, train_cfg
@@ -115,13 +116,17 @@ def _run(dtype="fp32", out_dir=None, overflow_at=(), resume=False, arch="llama",
     """A tiny 6-step run and the Trainer's records. fp16 runs autocast float16 with torch's GradScaler (on CPU as
     on CUDA); the embedding's gradient is made inf in the backward of the steps listed in `overflow_at`
     (counted from 1, as in metrics.jsonl). `arch="gpt2"`: the GPT-2 preset's blocks (LayerNorm with biases,
-    GELU, learned positions, tied head), at the tiny size."""
+    GELU, learned positions, tied head), at the tiny size. `arch="glm"`: GLM blank infilling with 2D positions
+    and [gMASK] rows (prefix masks, position and block-position ids in every batch)."""
+    tr, _ = loaders(4, 16)
     if arch == "gpt2":
         torch.manual_seed(0)
         m = Transformer(ModelConfig.preset("gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128))
+    elif arch == "glm":
+        m = tiny_model(vocab_size=special_vocab(64, 8), block_pos=True)
+        tr = DenoisingLoader(tr, "glm", 64, n_sentinels=8, seed=0, glm_gmask_prob=0.3)
     else:
         m = tiny_model()
-    tr, _ = loaders(4, 16)
     t = Trainer(m, train_cfg(seq_len=16, dtype=dtype, **{"max_steps": 6, **kw}), tr, out_dir=out_dir)
     m.embed.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if t.step + 1 in overflow_at else g)
     recs = []
@@ -196,6 +201,17 @@ def test_cuda_training_follows_cpu_fp32(dtype):
     _, ref = _run()
     t, got = _run(dtype, device="cuda")
     assert all(p.device.type == "cuda" for p in t.raw_model.parameters())
+    assert _losses(got) == pytest.approx(_losses(ref), rel=2e-2)
+    assert got[-1]["loss"] < got[0]["loss"]
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "bf16"), pytest.param("cuda", "fp32", marks=needs_cuda),
+                                           pytest.param("cuda", "bf16", marks=needs_cuda)])
+def test_glm_training_follows_cpu_fp32(device, dtype):
+    # the prefix-masked attention (SDPA with a mask: the memory-efficient kernel on CUDA), positions and block
+    # positions of GLM batches, under bf16 autocast on the CPU and on CUDA (where fp32 runs TF32 matmuls)
+    _, ref = _run(arch="glm")
+    _, got = _run(dtype, device=device, arch="glm")
     assert _losses(got) == pytest.approx(_losses(ref), rel=2e-2)
     assert got[-1]["loss"] < got[0]["loss"]
 
