@@ -36,7 +36,7 @@ def fill_blanks(model, ids: list[int], base: int, max_new: int = 32) -> tuple[li
     model(torch.tensor([ids], device=dev), positions=torch.arange(n, device=dev)[None], cache=cache,
           prefix_len=torch.tensor([n], device=dev),
           block_positions=torch.zeros(1, n, dtype=torch.long, device=dev) if block else None)
-    fills = []
+    fills = {}
     for pos in blanks:
         span, tok = [], start_id
         while True:
@@ -47,9 +47,9 @@ def fill_blanks(model, ids: list[int], base: int, max_new: int = 32) -> tuple[li
             if tok == end_id or len(span) == max_new:
                 break
             span.append(tok)
-        fills.append(span)
+        fills[pos] = span
     model.train(was_training)
     out = []
     for i, t in enumerate(ids):
-        out.extend(fills[blanks.index(i)] if i in blanks else [t])
-    return out, fills
+        out.extend(fills.get(i, [t]))
+    return out, list(fills.values())

@@ -24,7 +24,7 @@ def build_run(recipe, out_dir: Path, *, texts=None, tokenizer=None, dist=None):
     """(trainer, tokenizer) for a recipe: model from `model:`, loaders from `data:`, Trainer from `train:`."""
     from ..model.transformer import Transformer
     from .data import build_data
-    from .denoising import special_vocab, wrap_objective
+    from .denoising import SPECIAL_ID_OBJECTIVES, special_vocab, wrap_objective
     from .objectives import make_loss_fn
     from .trainer import Trainer
 
@@ -40,7 +40,7 @@ def build_run(recipe, out_dir: Path, *, texts=None, tokenizer=None, dist=None):
     objective = recipe.data.get("objective", "causal_lm")
     if tokenizer is not None and mfields.get("vocab_size") in (None, "auto"):
         mfields["vocab_size"] = tokenizer.vocab_size
-        if objective in ("span_corruption", "ul2", "glm"):  # [R]/[S]/[X] and sentinels above the tokenizer's ids
+        if objective in SPECIAL_ID_OBJECTIVES:  # [R]/[S]/[X] and sentinels above the tokenizer's ids
             recipe.data["base_vocab"] = tokenizer.vocab_size
             mfields["vocab_size"] = special_vocab(tokenizer.vocab_size, int(recipe.data.get("n_sentinels", 100)))
     if tokenizer is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -56,6 +57,9 @@ class Denoiser:
 UL2_DENOISERS = (Denoiser("R", 3, 0.15), Denoiser("R", 8, 0.15), Denoiser("S", 0, 0.25),
                  Denoiser("X", 3, 0.5), Denoiser("X", 8, 0.5), Denoiser("X", 64, 0.15), Denoiser("X", 64, 0.5))
 T5_DENOISER = Denoiser("R", 3, 0.15)  # T5: 15% corruption, mean span 3
+
+
+SPECIAL_ID_OBJECTIVES = ("span_corruption", "ul2", "glm")  # the objectives whose ids live above the tokenizer's
 
 
 def special_vocab(base: int, n_sentinels: int = 100) -> int:
@@ -156,14 +160,20 @@ def glm_span_lengths(n_tokens: int, rng: np.random.Generator, rate: float = GLM_
                      max_span: int = GLM_MAX_SPAN) -> list[int]:
     """Span lengths drawn from Poisson(lam) restricted to 1..max_span-1 until they cover int(n_tokens * rate)
     tokens (at least one span), as GLM's `block_length_distribution`."""
-    k = np.arange(1, max_span)
-    logp = np.array([i * math.log(lam) - lam - math.lgamma(i + 1) for i in k])
-    p = np.exp(logp - logp.max())
-    p /= p.sum()
+    k, p = _truncated_poisson(lam, max_span)
     lengths: list[int] = []
     while not lengths or sum(lengths) < int(n_tokens * rate):
         lengths.append(int(rng.choice(k, p=p)))
     return lengths
+
+
+@lru_cache(maxsize=None)
+def _truncated_poisson(lam: float, max_span: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1..max_span-1, their Poisson(lam) probabilities renormalised): computed once per setting, not per row."""
+    k = np.arange(1, max_span)
+    logp = np.array([i * math.log(lam) - lam - math.lgamma(i + 1) for i in k])
+    p = np.exp(logp - logp.max())
+    return k, p / p.sum()
 
 
 def glm_place(length: int, lengths: list[int], rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -233,17 +243,25 @@ def _glm_row(tokens, spans, order, L: int, mask_id: int, start_id: int, end_id: 
     return arr
 
 
-def glm_reconstruct(ex: dict, base: int) -> list[int]:
-    """The original tokens of a GLM row: every Part B span put back at the [MASK] or [gMASK] its positions point to."""
-    mask_id, start_id, _, gmask_id = glm_ids(base)
-    n_a = int(ex["prefix_len"])
+def glm_spans(ex: dict, base: int) -> dict[int, list[int]]:
+    """The Part B spans of a GLM row, by the position of the [MASK] or [gMASK] each fills."""
+    start_id = glm_ids(base)[1]
     ids, pos = np.asarray(ex["input_ids"]).tolist(), np.asarray(ex["positions"]).tolist()
-    fills: dict[int, list[int]] = {}
-    for t in range(n_a, len(ids)):
+    spans: dict[int, list[int]] = {}
+    for t in range(int(ex["prefix_len"]), len(ids)):
         if ids[t] == start_id:
-            cur = fills.setdefault(pos[t], [])
+            cur = spans.setdefault(pos[t], [])
         else:
             cur.append(ids[t])
+    return spans
+
+
+def glm_reconstruct(ex: dict, base: int) -> list[int]:
+    """The original tokens of a GLM row: every Part B span put back at the [MASK] or [gMASK] its positions point to."""
+    mask_id, _, _, gmask_id = glm_ids(base)
+    n_a = int(ex["prefix_len"])
+    ids = np.asarray(ex["input_ids"]).tolist()
+    fills = glm_spans(ex, base)
     out = []
     for t in range(n_a):
         out.extend(fills[t] if ids[t] in (mask_id, gmask_id) else [ids[t]])
@@ -382,7 +400,7 @@ def wrap_objective(objective: str, train, val, mcfg, data: dict, seed: int):
     if objective == "glm" and mcfg.pos in ("alibi", "t5"):
         raise ValueError(f"objective glm places each span at its [MASK] through position ids, which pos={mcfg.pos} "
                          "does not read (its biases follow the row order); use rope, learned or sinusoidal")
-    if objective != "prefix_lm" and mcfg.vocab_size < special_vocab(base, int(data.get("n_sentinels", 100))):
+    if objective in SPECIAL_ID_OBJECTIVES and mcfg.vocab_size < special_vocab(base, int(data.get("n_sentinels", 100))):
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} has no room for [R]/[S]/[X] and sentinels above "
                          f"{base}; set model.vocab_size={special_vocab(base, int(data.get('n_sentinels', 100)))}")
     kw = dict(encoder_decoder=mcfg.arch == "encoder_decoder", n_sentinels=int(data.get("n_sentinels", 100)),

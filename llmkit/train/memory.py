@@ -257,16 +257,12 @@ class _Act:
             # an ALiBi bias (float32) makes the probabilities float32, cast back to c for the product with v
             scores = 2 * c + (F32 if biased and self.autocast else 0)
             attn = c * 4 * N * h * hd + scores * B * h * T * T + T * T
-        elif self._windowed(layer) or biased:  # SDPA with an explicit float mask (ALiBi: the bias, per head);
-            rows = T if self.cpu else -(-T // 32) * 32  # on CUDA the memory-efficient kernel, which takes masks
-            attn += F32 * B * h * rows + c * (h if biased else 1) * T * T
-            if self.cpu and self.rope and not self.native_rope:
-                attn += c * N * h * hd
-        elif self._probs_kept():
+        elif not (masked := self._windowed(layer) or biased) and self._probs_kept():
             attn += c * B * h * T * T
-        else:  # SDPA: float32 log-sum-exp (memory-efficient kernel on CUDA fp32: padded to 32 rows)
-            rows = -(-T // 32) * 32 if (not self.cpu and not self.autocast) else T
-            attn += F32 * B * h * rows
+        else:  # SDPA: its float32 log-sum-exp (on CUDA the memory-efficient kernel, for fp32 and for any explicit
+            # mask, pads it to 32 rows) and an explicit float mask: a window shorter than T, or ALiBi's biased mask
+            rows = -(-T // 32) * 32 if (not self.cpu and (masked or not self.autocast)) else T
+            attn += F32 * B * h * rows + (c * (h if biased else 1) * T * T if masked else 0)
             if self.cpu and self.rope and not self.native_rope:
                 attn += c * N * h * hd  # CPU SDPA answers a contiguous q (torch's RoPE) head-major: o copies it
         if cfg.qk_norm:  # the q and k norms' inputs (float32, but LayerNorm under autocast keeps c) and row statistics

@@ -396,7 +396,7 @@ class Trainer:
         if not flops_per_s:
             return 0.0
         if self._peak is None:
-            self._peak = measured_peak_flops(self.cfg.dtype if self.cfg.dtype != "fp32" else "fp32", str(self.device))
+            self._peak = measured_peak_flops(self.cfg.dtype, str(self.device))
         return flops_per_s / (self._peak * self.world)
 
     # ------------------------------------------------------------------ checkpoints

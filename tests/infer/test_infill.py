@@ -6,7 +6,7 @@ import torch
 
 from llmkit.data.shards import BatchLoader, TokenDataset
 from llmkit.infer.infill import fill_blanks
-from llmkit.train.denoising import DenoisingLoader, glm_example, glm_ids, special_vocab
+from llmkit.train.denoising import DenoisingLoader, glm_example, glm_ids, glm_spans, special_vocab
 from llmkit.train.trainer import Trainer
 from tests.train.conftest import tiny_model, train_cfg
 
@@ -58,7 +58,7 @@ def _runs(n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.slow
 def test_a_glm_trained_model_fills_held_out_blanks():
-    mask_id, start_id, _, _ = glm_ids(BASE)
+    mask_id = glm_ids(BASE)[0]
     model = tiny_model(vocab_size=special_vocab(BASE, 8), block_pos=True, d_model=64, max_seq_len=96)
     untrained = tiny_model(seed=1, vocab_size=special_vocab(BASE, 8), block_pos=True, d_model=64, max_seq_len=96)
     loader = BatchLoader(TokenDataset(arrays=[_runs(20000, 0).astype(np.uint16)], eos_id=63), 8, 48, seed=0)
@@ -71,13 +71,8 @@ def test_a_glm_trained_model_fills_held_out_blanks():
     for _ in range(30):
         s = int(rng.integers(0, len(held_out) - 49))
         ex = glm_example(held_out[s:s + 49].astype(np.int64), rng, BASE, 48)
-        ids, pos, n_a = ex["input_ids"].tolist(), ex["positions"].tolist(), ex["prefix_len"]
-        truth: dict[int, list[int]] = {}
-        for t in range(n_a, len(ids)):  # each blank's true span, by its [MASK]'s position
-            if ids[t] == start_id:
-                span = truth.setdefault(pos[t], [])
-            else:
-                span.append(ids[t])
+        ids, n_a = ex["input_ids"].tolist(), ex["prefix_len"]
+        truth = glm_spans(ex, BASE)  # each blank's true span, by its [MASK]'s position
         blanks = [i for i, t in enumerate(ids[:n_a]) if t == mask_id]
         n += len(blanks)
         for name, m in (("trained", model), ("untrained", untrained)):
