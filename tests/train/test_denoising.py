@@ -261,6 +261,11 @@ def test_glm_loader_batches_and_refusals():
         DenoisingLoader(tr, "glm", 64, n_sentinels=3)
     with pytest.raises(ValueError, match="pos=alibi"):
         wrap_objective("glm", tr, tr, tiny_cfg(vocab_size=64 + 3 + 8, pos="alibi"), {"n_sentinels": 8}, 0)
+    # a recipe's data options reach both loaders; the block positions follow the model's block_pos
+    data = {"n_sentinels": 8, "glm_rate": 0.2, "glm_mean_span": 4, "glm_gmask_prob": 0.3}
+    for block in (True, False):
+        train, val = wrap_objective("glm", tr, tr, tiny_cfg(vocab_size=64 + 3 + 8, block_pos=block), data, 0)
+        assert train.glm == val.glm == (0.2, 4.0, 0.3) and train.block_positions is val.block_positions is block
 
 
 @pytest.mark.parametrize("objective", ["glm", "span_corruption", "prefix_lm"])
